@@ -1,0 +1,375 @@
+"""Reading and writing SD v1 checkpoints: CompVis single files and diffusers folders, with readable errors.
+
+This file exists so that unet.py and vae.py stay pure architecture: everything about files (formats, key layouts,
+what a broken or foreign checkpoint looks like) lives here, and quant.py, train.py and sample.py all load through
+`load_sd`. The model is latent diffusion (arXiv 2112.10752); the text encoder is CLIP's text tower (arXiv 2103.00020),
+used as `transformers.CLIPTextModel` with the tokenizer files shipped in assets/tokenizer (nothing is downloaded).
+
+Layouts:
+- CompVis single file (`.safetensors`, or `.ckpt` read with `torch.load(weights_only=True)`): `model.diffusion_model.*`
+  (UNet, our module names), `first_stage_model.*` (VAE, our names), `cond_stage_model.transformer.*` (CLIPTextModel).
+  Everything else (noise-schedule buffers, `model_ema.*`, bookkeeping) is knowingly ignored.
+- diffusers folder: `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, each with its config.json; unet.py and vae.py hold
+  the name maps.
+
+    python ckpt.py PATH                       # load a checkpoint, print what it holds
+    python ckpt.py PATH --to_diffusers DIR    # convert a CompVis file to a diffusers folder (or --to_compvis FILE)
+"""
+import json
+import os
+import pickle
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+import warnings
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+import unet as unet_lib
+import vae as vae_lib
+
+TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tokenizer"
+PREFIX = {"unet": "model.diffusion_model.", "vae": "first_stage_model.", "text_encoder": "cond_stage_model.transformer."}
+HINT = "qdp needs a Stable Diffusion v1.x checkpoint (a CompVis .safetensors/.ckpt file or a diffusers folder)"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used, with a one-line message that says what to do."""
+
+
+@dataclass
+class StableDiffusion:
+    unet: unet_lib.UNet
+    vae: vae_lib.AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+
+    def to(self, device=None, dtype=None):
+        for m in (self.unet, self.vae, self.text_encoder):
+            m.to(device=device, dtype=dtype)
+        return self
+
+    @property
+    def device(self):
+        return next(self.unet.parameters()).device
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# text side
+
+
+def load_tokenizer(folder=None):
+    """The SD v1 CLIP tokenizer, from a diffusers `tokenizer/` folder or the copy shipped in assets/tokenizer."""
+    return CLIPTokenizer.from_pretrained(str(folder or TOKENIZER_DIR), local_files_only=True)
+
+
+def tokenize(tokenizer, prompts):
+    """prompts (str or list) -> ids (B,77): start token, BPE tokens, end token, padded with the end token.
+    Like SD, a prompt longer than 75 tokens is cut, with a warning that shows what was dropped."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    n = tokenizer.model_max_length
+    ids = tokenizer(prompts, padding="max_length", max_length=n, truncation=True, return_tensors="pt").input_ids
+    for p in prompts:
+        full = tokenizer(p, verbose=False).input_ids
+        if len(full) > n:
+            cut = tokenizer.decode(full[n - 1:-1])
+            warnings.warn(f"prompt cut to {n - 2} tokens, SD v1's limit; dropped: {cut!r}", stacklevel=2)
+    return ids
+
+
+def canonical_text_keys(sd):
+    """Text-encoder keys as real files store them (`text_model.embeddings...`): files written by transformers < 4.20
+    and the state dicts of transformers >= 5 lack the `text_model.` level."""
+    sd = {(k if k.startswith("text_model.") else "text_model." + k): v for k, v in sd.items()}
+    sd.pop("text_model.embeddings.position_ids", None)  # a fixed arange, a buffer that older files stored
+    return sd
+
+
+def model_text_keys(sd, text_encoder):
+    """Canonical keys -> the keys of the installed transformers' CLIPTextModel."""
+    nested = next(iter(text_encoder.state_dict())).startswith("text_model.")
+    return sd if nested else {k[len("text_model."):]: v for k, v in sd.items()}
+
+
+def text_config(sd, meta=None):
+    """CLIPTextConfig from the shapes of a CLIPTextModel state dict; heads = width/64 as in every CLIP text tower,
+    unless the file's qdp metadata says otherwise."""
+    emb = sd["text_model.embeddings.token_embedding.weight"]
+    layers = len({k.split(".")[3] for k in sd if k.startswith("text_model.encoder.layers.")})
+    cfg = dict(vocab_size=emb.shape[0], hidden_size=emb.shape[1], num_hidden_layers=layers,
+               intermediate_size=sd["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+               max_position_embeddings=sd["text_model.embeddings.position_embedding.weight"].shape[0],
+               num_attention_heads=max(1, emb.shape[1] // 64), hidden_act="quick_gelu", projection_dim=emb.shape[1],
+               bos_token_id=49406, eos_token_id=49407, pad_token_id=1)
+    return CLIPTextConfig(**{**cfg, **(meta or {})})
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# reading tensors from files
+
+
+def read_tensors(path):
+    """(tensors, metadata) from a .safetensors file or a .ckpt/.pt/.bin pickle loaded with weights_only=True.
+    The format is told by the file's first bytes, not its name."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file; {HINT}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): the download or copy did not finish; fetch it again")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head[8:9] == b"{":                                    # safetensors: u64 header length, then a JSON header
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {})
+        except Exception as e:
+            raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+    if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):  # torch zip archive, or a legacy pickle
+        raise CheckpointError(f"{path} is neither a safetensors file nor a PyTorch checkpoint "
+                              f"(it starts with {head[:12]!r}); {HINT}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights_only" not in str(e) and "Weights only" not in str(e):
+            raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?)") from None
+        raise CheckpointError(f"{path} needs arbitrary Python code to load and qdp will not run it "
+                              f"(torch.load weights_only=True refused it); convert it to .safetensors with a tool "
+                              f"you trust") from None
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): "
+                              f"{str(e).splitlines()[0]}") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):  # a Lightning checkpoint
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict; {HINT}")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, {}
+
+
+def check_family(tensors, path):
+    """Refuse SD 2.x, SDXL and diffusers component files early, with a message that names what the file is."""
+    keys = list(tensors)
+    if any(k.startswith("conditioner.embedders.") or "label_emb" in k for k in keys):
+        raise CheckpointError(f"{path} looks like an SDXL checkpoint; {HINT}")
+    to_k = [v for k, v in tensors.items() if k.endswith("attn2.to_k.weight")]
+    proj_in = [v for k, v in tensors.items() if k.endswith("proj_in.weight")]
+    if (any(k.startswith("cond_stage_model.model.") for k in keys) or any(v.shape[1] == 1024 for v in to_k)
+            or any(v.ndim == 2 for v in proj_in)):
+        raise CheckpointError(f"{path} looks like an SD 2.x checkpoint (OpenCLIP text encoder, 1024-wide context); "
+                              f"{HINT}")
+    if any(k.startswith(("down_blocks.", "encoder.down_blocks.", "text_model.")) for k in keys):
+        raise CheckpointError(f"{path} is one component of a diffusers folder; pass the folder that holds unet/, "
+                              f"vae/, text_encoder/ and tokenizer/")
+    if not any(k.startswith(PREFIX["unet"]) for k in keys):
+        raise CheckpointError(f"{path} has no SD v1 UNet: none of its {len(keys)} tensors starts with "
+                              f"'{PREFIX['unet']}' (it has e.g. {keys[:3]}); {HINT}")
+
+
+def split_compvis(tensors):
+    """{part: state dict} for the UNet, VAE and text encoder of a CompVis file; other tensors are ignored."""
+    parts = {name: {k[len(p):]: v for k, v in tensors.items() if k.startswith(p)} for name, p in PREFIX.items()}
+    parts["text_encoder"] = canonical_text_keys(parts["text_encoder"])
+    return parts
+
+
+def fill(model, sd, name, path):
+    """Load `sd` into `model` (built on the meta device) strictly, reshaping only 1x1 conv <-> linear weights;
+    a mismatch is one line that names what is missing, unexpected or the wrong shape."""
+    want = model.state_dict()
+    missing, unexpected = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
+    wrong = [k for k in want if k in sd and sd[k].numel() != want[k].numel()]
+    if missing or unexpected or wrong:
+        say = lambda what, ks: f"{len(ks)} {what} (e.g. {ks[0]})" if ks else f"0 {what}"
+        raise CheckpointError(f"{path}: the {name} does not match SD v1's layout: {say('missing', missing)}, "
+                              f"{say('unexpected', unexpected)}, {say('of the wrong shape', wrong)}; the file is "
+                              f"incomplete or not an SD v1 checkpoint")
+    model.load_state_dict({k: sd[k].reshape(want[k].shape) for k in want}, strict=True, assign=True)
+    return model
+
+
+def build(parts, path, meta=None, tokenizer=None, device="cpu", dtype=torch.float32):
+    """StableDiffusion from CompVis-named state dicts; the config comes from the shapes, and from the file's qdp
+    metadata for what shapes cannot tell (head counts, GroupNorm groups, the latent scale)."""
+    meta = json.loads(meta["qdp.config"]) if meta and "qdp.config" in meta else {}
+    cast = lambda sd: {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in sd.items()}
+    for name in PREFIX:
+        if not parts[name]:
+            raise CheckpointError(f"{path} has no {name} (no tensors under '{PREFIX[name]}'); {HINT}")
+    try:
+        ucfg = meta_cfg(unet_lib.UNetConfig.from_state_dict(parts["unet"]), meta.get("unet"))
+        vcfg = meta_cfg(vae_lib.VAEConfig.from_state_dict(parts["vae"]), meta.get("vae"))
+        tcfg = text_config(parts["text_encoder"], meta.get("text_encoder"))
+    except (KeyError, StopIteration, IndexError) as e:
+        raise CheckpointError(f"{path} is missing tensors that define the architecture ({e}); the file is "
+                              f"incomplete or not an SD v1 checkpoint") from None
+    with torch.device("meta"):
+        unet, vae = unet_lib.UNet(ucfg), vae_lib.AutoencoderKL(vcfg)
+    text_encoder = CLIPTextModel(tcfg)
+    fill(unet, cast(parts["unet"]), "UNet", path)
+    fill(vae, cast(parts["vae"]), "VAE", path)
+    fill(text_encoder, model_text_keys(cast(parts["text_encoder"]), text_encoder), "text encoder", path)
+    text_encoder.to(device=device, dtype=dtype)
+    return StableDiffusion(unet.eval(), vae.eval(), text_encoder.eval(), tokenizer or load_tokenizer())
+
+
+def meta_cfg(cfg, saved):
+    """Overwrite the fields that shapes cannot tell with the ones a qdp writer stored."""
+    if not saved:
+        return cfg
+    names = {f.name for f in fields(cfg)}
+    return type(cfg)(**{**asdict(cfg), **{k: tuple(v) if isinstance(v, list) else v
+                                           for k, v in saved.items() if k in names}})
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# diffusers folders
+
+
+def unet_config_from_diffusers(d, path):
+    if d.get("addition_embed_type") or d.get("cross_attention_dim") == 2048:
+        raise CheckpointError(f"{path} looks like an SDXL UNet; {HINT}")
+    if d.get("use_linear_projection") or d.get("cross_attention_dim") == 1024 or isinstance(d.get("attention_head_dim"), list):
+        raise CheckpointError(f"{path} looks like an SD 2.x UNet; {HINT}")
+    bo = d["block_out_channels"]
+    return unet_lib.UNetConfig(
+        in_channels=d["in_channels"], out_channels=d["out_channels"], model_channels=bo[0],
+        channel_mult=tuple(b // bo[0] for b in bo), num_res_blocks=d["layers_per_block"],
+        attention_levels=tuple(i for i, t in enumerate(d["down_block_types"]) if t.startswith("CrossAttn")),
+        num_heads=d.get("num_attention_heads") or d.get("attention_head_dim", 8),
+        transformer_depth=d.get("transformer_layers_per_block", 1), context_dim=d["cross_attention_dim"],
+        norm_groups=d.get("norm_num_groups", 32))
+
+
+def vae_config_from_diffusers(d):
+    bo = d["block_out_channels"]
+    return vae_lib.VAEConfig(in_channels=d.get("in_channels", 3), ch=bo[0], ch_mult=tuple(b // bo[0] for b in bo),
+                             num_res_blocks=d["layers_per_block"], z_channels=d["latent_channels"],
+                             norm_groups=d.get("norm_num_groups", 32), scale_factor=d.get("scaling_factor", 0.18215))
+
+
+def read_component(folder, sub, stems):
+    """(tensors, config dict) of one diffusers component, preferring safetensors and fp32 files."""
+    cfg_file = folder / sub / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{folder} is not a complete diffusers folder: {sub}/config.json is missing")
+    for stem in stems:
+        for suffix in (".safetensors", ".fp16.safetensors", ".bin", ".fp16.bin"):
+            if (folder / sub / (stem + suffix)).is_file():
+                return read_tensors(folder / sub / (stem + suffix))[0], json.loads(cfg_file.read_text())
+    raise CheckpointError(f"{folder}/{sub} has no weights file ({stems[0]}.safetensors or .bin)")
+
+
+def read_diffusers(folder):
+    """CompVis-named state dicts (and the configs) from a diffusers folder."""
+    usd, ud = read_component(folder, "unet", ["diffusion_pytorch_model"])
+    vsd, vd = read_component(folder, "vae", ["diffusion_pytorch_model"])
+    tsd, td = read_component(folder, "text_encoder", ["model", "pytorch_model"])
+    ucfg, vcfg = unet_config_from_diffusers(ud, folder / "unet"), vae_config_from_diffusers(vd)
+    back = lambda m, sd: {({v: k for k, v in m.items()}).get(k, k): t for k, t in sd.items()}  # unknown keys kept
+    parts = {"unet": back(unet_lib.diffusers_key_map(ucfg), usd), "vae": back(vae_lib.diffusers_key_map(vcfg), vsd),
+             "text_encoder": canonical_text_keys(tsd)}
+    tkeys = {"num_attention_heads", "hidden_act", "layer_norm_eps", "projection_dim"}
+    meta = {"unet": asdict(ucfg), "vae": asdict(vcfg), "text_encoder": {k: v for k, v in td.items() if k in tkeys}}
+    return parts, {"qdp.config": json.dumps(meta)}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the entry points
+
+
+def load_sd(path, device="cpu", dtype=torch.float32, verbose=False):
+    """Load an SD v1 model from a CompVis single file or a diffusers folder."""
+    path = Path(path)
+    if path.is_dir():
+        parts, meta = read_diffusers(path)
+        tok_dir = path / "tokenizer"
+        tokenizer = load_tokenizer(tok_dir) if (tok_dir / "vocab.json").is_file() else None
+    else:
+        tensors, meta = read_tensors(path)
+        check_family(tensors, path)
+        parts, tokenizer = split_compvis(tensors), None
+    model = build(parts, path, meta, tokenizer, device, dtype)
+    if verbose:
+        n = {k: len(v) for k, v in parts.items()}
+        print(f"loaded {path}: UNet {n['unet']}, VAE {n['vae']}, text encoder {n['text_encoder']} tensors")
+    return model
+
+
+def config_json(model):
+    """What shapes cannot tell, stored in every file qdp writes (safetensors metadata is str -> str)."""
+    t = model.text_encoder.config
+    return json.dumps({"unet": asdict(model.unet.config), "vae": asdict(model.vae.config),
+                       "text_encoder": {"num_attention_heads": t.num_attention_heads, "hidden_act": t.hidden_act,
+                                        "layer_norm_eps": t.layer_norm_eps, "projection_dim": t.projection_dim}})
+
+
+def atomic_save(tensors, path, metadata=None):
+    """save_file to a temporary name, then rename: a crash never leaves a half-written file behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def save_compvis(model, path):
+    """One .safetensors file in the CompVis layout, with qdp's config in its metadata."""
+    parts = {"unet": model.unet.state_dict(), "vae": model.vae.state_dict(),
+             "text_encoder": canonical_text_keys(model.text_encoder.state_dict())}
+    tensors = {PREFIX[name] + k: v for name, sd in parts.items() for k, v in sd.items()}
+    atomic_save(tensors, path, {"format": "pt", "qdp.config": config_json(model)})
+
+
+def save_diffusers(model, folder):
+    """A diffusers folder that `StableDiffusionPipeline.from_pretrained(folder)` opens (no safety checker)."""
+    folder = Path(folder)
+    ucfg, vcfg = model.unet.config, model.vae.config
+    umap, vmap = unet_lib.diffusers_key_map(ucfg), vae_lib.diffusers_key_map(vcfg)
+    vae_sd = {vmap[k]: (v.flatten(1) if ".attentions." in vmap[k] and v.ndim == 4 else v)  # 1x1 conv -> linear
+              for k, v in model.vae.state_dict().items()}
+    atomic_save({umap[k]: v for k, v in model.unet.state_dict().items()},
+                folder / "unet" / "diffusion_pytorch_model.safetensors", {"format": "pt"})
+    atomic_save(vae_sd, folder / "vae" / "diffusion_pytorch_model.safetensors", {"format": "pt"})
+    atomic_save(canonical_text_keys(model.text_encoder.state_dict()), folder / "text_encoder" / "model.safetensors",
+                {"format": "pt"})
+    configs = {"unet": {"_class_name": "UNet2DConditionModel", **unet_lib.diffusers_config(ucfg)},
+               "vae": {"_class_name": "AutoencoderKL", **vae_lib.diffusers_config(vcfg)},
+               "text_encoder": {**model.text_encoder.config.to_dict(), "architectures": ["CLIPTextModel"]},
+               "scheduler": {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+                             "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": False,
+                             "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False}}
+    for sub, cfg in configs.items():
+        name = "scheduler_config.json" if sub == "scheduler" else "config.json"
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+        (folder / sub / name).write_text(json.dumps(cfg, indent=2, default=list))
+    model.tokenizer.save_pretrained(str(folder / "tokenizer"))
+    index = {"_class_name": "StableDiffusionPipeline", "requires_safety_checker": False,
+             "scheduler": ["diffusers", "PNDMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+             "vae": ["diffusers", "AutoencoderKL"], "safety_checker": [None, None], "feature_extractor": [None, None]}
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+if __name__ == "__main__":
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description="Load an SD v1 checkpoint, describe it, optionally convert it.")
+    parser.add_argument("path", help="CompVis .safetensors/.ckpt file or diffusers folder")
+    parser.add_argument("--to_diffusers", default=None, help="write a diffusers folder here")
+    parser.add_argument("--to_compvis", default=None, help="write a CompVis single .safetensors file here")
+    args = parser.parse_args()
+    try:
+        sd = load_sd(args.path, verbose=True)
+    except CheckpointError as e:
+        sys.exit(f"error: {e}")
+    count = lambda m: f"{sum(p.numel() for p in m.parameters()) / 1e6:.1f}M"
+    print(f"UNet {count(sd.unet)} {sd.unet.config}\nVAE {count(sd.vae)} {sd.vae.config}\n"
+          f"text encoder {count(sd.text_encoder)} width {sd.text_encoder.config.hidden_size}")
+    if args.to_diffusers:
+        save_diffusers(sd, args.to_diffusers)
+        print(f"wrote {args.to_diffusers}")
+    if args.to_compvis:
+        save_compvis(sd, args.to_compvis)
+        print(f"wrote {args.to_compvis}")
