@@ -8,8 +8,6 @@ mark of its resident set, minus what the process held before the forward), since
     python bench/bench_unet.py --device cuda    # on a GPU, memory from torch.cuda.max_memory_allocated
 """
 import argparse
-import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -43,9 +41,10 @@ def forward(which, model, x, t, ctx):
     return out.sample if which == "diffusers" else out
 
 
-def rss_mb():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def status_mb(field):
+    """VmRSS (resident now) or VmHWM (resident high-water mark) of this process, in MB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
 
 
 def child(which, batch, size, device):
@@ -61,9 +60,11 @@ def child(which, batch, size, device):
             torch.cuda.synchronize()
             print(base, torch.cuda.max_memory_allocated() / 2**20)
         else:
-            base = rss_mb()
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")                                 # reset the high-water mark: count the forward only
+            base = status_mb("VmRSS")
             forward(which, model, x, t, ctx)
-            print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+            print(base, status_mb("VmHWM"))
 
 
 def main():

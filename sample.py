@@ -1,0 +1,286 @@
+"""Text-to-image sampling for Stable Diffusion v1: the noise schedule, the DDIM and PLMS samplers, classifier-free
+guidance, and `generate` (prompts in, PIL images out).
+
+The schedule is SD v1's: 1000 training steps of DDPM (arXiv 2006.11239) with latent diffusion's "scaled_linear" betas
+(arXiv 2112.10752). DDIM (arXiv 2010.02502) and PLMS, the pseudo linear multistep method of PNDM (arXiv 2202.09778),
+walk it backwards in a few dozen steps; classifier-free guidance (arXiv 2207.12598) pushes each step towards the
+prompt. Every choice follows diffusers' StableDiffusionPipeline with SD v1's scheduler config (steps_offset=1,
+set_alpha_to_one=False, "leading" spacing, PNDM with skip_prk_steps), so one seed gives the same image in both.
+
+    python sample.py --ckpt v1-5-pruned-emaonly.safetensors --prompt "a photo of an astronaut riding a horse" \
+        --device cuda --num_images_per_prompt 4 --out astronaut.png         # GPU: a 2x2 grid of 512x512 images
+    python sample.py --ckpt v1-5-pruned-emaonly.safetensors --prompt "a watercolor fox" --device cpu \
+        --height 256 --width 256 --num_inference_steps 20 --scheduler plms --out fox.png   # laptop CPU, float32
+"""
+import argparse
+import functools
+import math
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+import ckpt
+
+NUM_TRAIN_TIMESTEPS = 1000
+BETA_START, BETA_END = 0.00085, 0.012  # SD v1's scheduler config
+STEPS_OFFSET = 1  # SD v1 shifts every inference timestep up by one: 981, 961, ..., 1 for 50 steps
+SCHEDULERS = ("ddim", "plms")
+
+
+def alphas_cumprod():
+    """alpha_bar_t = prod_{s<=t} (1 - beta_s), (1000,) float32, for betas that are linear in sqrt(beta).
+
+    Float32 throughout, as diffusers computes it, so the two agree bit for bit."""
+    betas = torch.linspace(BETA_START**0.5, BETA_END**0.5, NUM_TRAIN_TIMESTEPS, dtype=torch.float32) ** 2
+    return torch.cumprod(1.0 - betas, dim=0)  # DDPM eq. 4
+
+
+def alpha_prev(alphas_cumprod, t_prev):
+    """alpha_bar at the step's target timestep. Past the last step (t_prev < 0) SD v1 uses alpha_bar_0, not 1
+    (set_alpha_to_one=False), so the final image keeps a trace of the smallest noise level."""
+    return alphas_cumprod[t_prev] if t_prev >= 0 else alphas_cumprod[0]
+
+
+def ddim_timesteps(num_inference_steps):
+    """The n timesteps, descending: every (1000 // n)-th from 0, plus the offset ("leading" spacing)."""
+    n = num_inference_steps
+    if not 1 <= n < NUM_TRAIN_TIMESTEPS:
+        # with steps_offset=1, n=1000 would ask for timestep 1000, one past the end of the schedule
+        raise ValueError(f"num_inference_steps must be in 1..{NUM_TRAIN_TIMESTEPS - 1}, got {n}")
+    stride = NUM_TRAIN_TIMESTEPS // n
+    return [i * stride + STEPS_OFFSET for i in reversed(range(n))]
+
+
+def plms_timesteps(num_inference_steps):
+    """DDIM's list with its second timestep repeated: n + 1 UNet calls, two of them for the first interval."""
+    ts = ddim_timesteps(num_inference_steps)
+    return ts[:2] + ts[1:]
+
+
+def randn(shape, generator, device, dtype):
+    """Gaussian noise drawn on the generator's device, then moved to `device`. A CPU generator thus gives the same
+    numbers whatever the model runs on; diffusers' pipeline draws the same way, so seeds carry over."""
+    where = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=where, dtype=dtype).to(device)
+
+
+class DDIM:
+    """Deterministic (eta=0) or stochastic (eta>0) DDIM over SD v1's timesteps."""
+
+    def __init__(self, num_inference_steps, eta=0.0, generator=None):
+        self.timesteps = ddim_timesteps(num_inference_steps)
+        self.stride = NUM_TRAIN_TIMESTEPS // num_inference_steps
+        self.alphas_cumprod = alphas_cumprod()
+        self.eta, self.generator = eta, generator
+
+    def step(self, x, eps, t):
+        """x_t -> x_{t - stride} given the model's eps(x_t, t); the scalars stay float32 0-d tensors, as in diffusers."""
+        a_t = self.alphas_cumprod[t]
+        a_prev = alpha_prev(self.alphas_cumprod, t - self.stride)
+        x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t**0.5                                      # DDIM eq. 12, predicted x_0
+        sigma = self.eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5        # DDIM eq. 16
+        x_prev = a_prev**0.5 * x0 + (1 - a_prev - sigma**2) ** 0.5 * eps                  # DDIM eq. 12
+        if self.eta > 0:  # one draw per step, shaped like eps, from the generator that drew x_T
+            x_prev = x_prev + sigma * randn(eps.shape, self.generator, eps.device, eps.dtype)  # DDIM eq. 12, noise
+        return x_prev
+
+
+def transfer(x, eps, t, t_prev, alphas_cumprod):
+    """PNDM's transfer x_t -> x_{t_prev} for a given eps: the eta=0 DDIM step, rearranged (PNDM eq. 9)."""
+    a_t, a_prev = alphas_cumprod[t], alpha_prev(alphas_cumprod, t_prev)
+    denom = a_t * (1 - a_prev) ** 0.5 + (a_t * (1 - a_t) * a_prev) ** 0.5
+    return (a_prev / a_t) ** 0.5 * x - (a_prev - a_t) * eps / denom
+
+
+def adams_bashforth(eps):
+    """The eps to transfer with: Adams-Bashforth of order len(eps) (1..4) over the history, newest last."""
+    e = eps[::-1]
+    if len(e) == 1:
+        return e[0]
+    if len(e) == 2:
+        return (3 * e[0] - e[1]) / 2
+    if len(e) == 3:
+        return (23 * e[0] - 16 * e[1] + 5 * e[2]) / 12
+    return (1 / 24) * (55 * e[0] - 59 * e[1] + 37 * e[2] - 9 * e[3])
+
+
+class PLMS:
+    """PNDM's pseudo linear multistep sampler as SD v1 runs it (diffusers' PNDMScheduler, skip_prk_steps=True).
+
+    Instead of PNDM's Runge-Kutta warm-up it spends one extra UNet call on the first interval (Heun's method: average
+    the eps at both ends and redo the step), then climbs from order 2 to order 4 as the eps history fills up."""
+
+    def __init__(self, num_inference_steps):
+        self.timesteps = plms_timesteps(num_inference_steps)
+        self.stride = NUM_TRAIN_TIMESTEPS // num_inference_steps
+        self.alphas_cumprod = alphas_cumprod()
+        self.eps = []  # the last (up to) 4 eps that enter the multistep formula, oldest first
+        self.x_start = None  # x at the first timestep, where the Heun correction restarts from
+        self.calls = 0
+
+    def step(self, x, eps, t):
+        """x_t -> x_{t - stride} given the model's eps(x_t, t); the second call (t repeated) redoes the first step."""
+        call, self.calls = self.calls, self.calls + 1
+        if call == 1:  # eps at the end of the first interval: average with its start; it never joins the history
+            return transfer(self.x_start, (eps + self.eps[-1]) / 2, t + self.stride, t, self.alphas_cumprod)
+        if call == 0:
+            self.x_start = x
+        self.eps = self.eps[-3:] + [eps]
+        return transfer(x, adams_bashforth(self.eps), t, t - self.stride, self.alphas_cumprod)
+
+
+def guided_eps(unet, x, t, ctx, uncond_ctx, guidance_scale, callback=None):
+    """eps at (x (B,C,h,w), integer timestep t) steered towards ctx (B,77,D) and away from uncond_ctx (B,77,D).
+
+    Both halves come from one UNet forward on the batch [uncond, cond] (diffusers' order). With guidance_scale <= 1
+    the unconditional half is skipped. `callback(t, x, ctx)` sees the exact UNet inputs, t as a (2B,) long tensor."""
+    guided = guidance_scale > 1
+    if guided:
+        x, ctx = torch.cat([x, x]), torch.cat([uncond_ctx, ctx])
+    t = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+    if callback is not None:
+        callback(t, x, ctx)
+    eps = unet(x, t, ctx)
+    if not guided:
+        return eps
+    eps_uncond, eps_cond = eps.chunk(2)
+    return eps_uncond + guidance_scale * (eps_cond - eps_uncond)  # CFG eq. 6 with guidance_scale = 1 + w
+
+
+@torch.no_grad()  # not inference_mode: calibration keeps the tensors it records and later trains on them
+def sample_latents(unet, ctx, uncond_ctx, latents, num_inference_steps, guidance_scale, scheduler="ddim", eta=0.0,
+                   generator=None, callback=None):
+    """Denoise latents x_T (B,C,h,w) into x_0 with `unet(x, t, ctx) -> eps`.
+
+    `generator` feeds DDIM's eta noise; `callback(i, t, x, ctx)` is called before the i-th UNet forward with its
+    exact inputs (see `guided_eps`), e.g. to record calibration data."""
+    if scheduler == "ddim":
+        sampler = DDIM(num_inference_steps, eta, generator)
+    elif scheduler == "plms":
+        sampler = PLMS(num_inference_steps)
+    else:
+        raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
+    x = latents
+    for i, t in enumerate(tqdm(sampler.timesteps, desc=scheduler)):
+        hook = None if callback is None else functools.partial(callback, i)
+        x = sampler.step(x, guided_eps(unet, x, t, ctx, uncond_ctx, guidance_scale, hook), t)
+    return x
+
+
+def vae_scale_factor(vae):
+    """How much the VAE shrinks each side: 2 per level after the first (8 for SD v1's four levels)."""
+    return 2 ** (len(vae.config.ch_mult) - 1)
+
+
+@torch.no_grad()
+def encode_prompts(sd, prompts):
+    """list of B strings -> CLIP text context (B,77,D), the last hidden state as SD v1 uses it."""
+    ids = ckpt.tokenize(sd.tokenizer, prompts).to(sd.text_encoder.device)
+    return sd.text_encoder(ids).last_hidden_state
+
+
+@torch.no_grad()
+def decode_images(sd, latents):
+    """latents (B,C,h,w) -> B PIL images, rounded to uint8 exactly as diffusers' numpy_to_pil does."""
+    x = sd.vae.decode_latents(latents)  # decode(latents / scale_factor), roughly in [-1, 1]
+    x = (x * 0.5 + 0.5).clamp(0, 1)
+    pixels = (x.cpu().permute(0, 2, 3, 1).float().numpy() * 255).round().astype("uint8")
+    return [Image.fromarray(p) for p in pixels]
+
+
+def generate(sd, prompt, negative_prompt="", seed=0, num_inference_steps=50, guidance_scale=7.5, height=512,
+             width=512, scheduler="ddim", eta=0.0, num_images_per_prompt=1, output_type="pil"):
+    """Prompt(s) -> list of PIL images (all images of prompt 0 first), or the latents (B,C,h,w) with
+    output_type="latent". Same seed and settings as diffusers' pipeline with a CPU generator -> same images."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+    if len(negatives) != len(prompts):
+        raise ValueError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts")
+    f = vae_scale_factor(sd.vae)
+    if height % f or width % f:
+        raise ValueError(f"height and width must be multiples of {f}, got {height}x{width}")
+    param = next(sd.unet.parameters())
+    ctx = encode_prompts(sd, prompts).to(param).repeat_interleave(num_images_per_prompt, dim=0)
+    uncond_ctx = None
+    if guidance_scale > 1:
+        uncond_ctx = encode_prompts(sd, negatives).to(param).repeat_interleave(num_images_per_prompt, dim=0)
+    # one CPU generator draws x_T and then every DDIM eta noise, in that order
+    generator = torch.Generator("cpu").manual_seed(seed)
+    shape = (len(ctx), sd.unet.config.in_channels, height // f, width // f)
+    latents = randn(shape, generator, param.device, param.dtype)
+    latents = sample_latents(sd.unet, ctx, uncond_ctx, latents, num_inference_steps, guidance_scale, scheduler, eta,
+                             generator)
+    return latents if output_type == "latent" else decode_images(sd, latents)
+
+
+def image_grid(images):
+    """Paste images into one roughly square grid, row by row."""
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h))
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Generate images with Stable Diffusion v1.")
+    # model
+    parser.add_argument("--ckpt", required=True, help="CompVis single-file checkpoint or diffusers folder")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                        help="weights and activations; default float16 on cuda, float32 on cpu")
+    # prompt
+    parser.add_argument("--prompt", required=True, help="what to draw")
+    parser.add_argument("--negative_prompt", default="", help="what to steer away from (the unconditional prompt)")
+    # sampling
+    parser.add_argument("--seed", type=int, default=0, help="seeds the CPU generator for x_T and DDIM's eta noise")
+    parser.add_argument("--num_inference_steps", type=int, default=50, help="denoising steps (PLMS makes one more)")
+    parser.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance; <=1 disables")
+    parser.add_argument("--height", type=int, default=512, help="image height in pixels, a multiple of 8")
+    parser.add_argument("--width", type=int, default=512, help="image width in pixels, a multiple of 8")
+    parser.add_argument("--scheduler", choices=SCHEDULERS, default="ddim", help="DDIM, or PNDM's linear multistep")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like")
+    parser.add_argument("--num_images_per_prompt", type=int, default=1, help="images to draw, in one batch")
+    # output
+    parser.add_argument("--out", default="sample.png", help="image file; several images are pasted into one grid")
+    args = parser.parse_args(argv)
+
+    if min(args.height, args.width) < 8 or args.height % 8 or args.width % 8:
+        parser.error(f"--height and --width must be positive multiples of 8 (SD's VAE factor), e.g. 512; "
+                     f"got {args.height}x{args.width}")
+    if not 1 <= args.num_inference_steps < NUM_TRAIN_TIMESTEPS:
+        parser.error(f"--num_inference_steps must be in 1..{NUM_TRAIN_TIMESTEPS - 1}, e.g. 50")
+    if not 0 <= args.eta <= 1:
+        parser.error("--eta must be in [0, 1]")
+    if args.eta > 0 and args.scheduler != "ddim":
+        parser.error("--eta only applies to --scheduler ddim; drop it or switch scheduler")
+    if args.num_images_per_prompt < 1:
+        parser.error("--num_images_per_prompt must be at least 1")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("CUDA is not available here; use --device cpu")
+    if Path(args.out).suffix.lower() not in Image.registered_extensions():
+        parser.error(f"--out needs an image suffix such as .png, got {args.out!r}")
+    args.dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        sd = ckpt.load_sd(args.ckpt, device=args.device, dtype=getattr(torch, args.dtype))
+    except ckpt.CheckpointError as e:
+        sys.exit(f"error: {e}")
+    images = generate(sd, args.prompt, args.negative_prompt, args.seed, args.num_inference_steps, args.guidance_scale,
+                      args.height, args.width, args.scheduler, args.eta, args.num_images_per_prompt)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    image_grid(images).save(args.out)
+    print(f"wrote {len(images)} image(s) to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
