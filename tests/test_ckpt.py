@@ -237,3 +237,16 @@ def test_tokenize_pads_and_truncates_with_a_warning():
         long = ckpt.tokenize(tok, " ".join(["dog"] * 72 + ["cat"] * 6))  # 78 tokens: 3 cats too many
     assert long[0, 72] == long[0, 1] != long[0, 73] == long[0, 75]  # BOS, 72 dogs, 3 cats, EOS
     assert long.shape == (1, 77) and long[0, -1] == 49407
+
+
+def test_sd_v1_text_config_is_read_back_from_shapes():
+    """The full-size SD v1 text encoder (CLIP ViT-L/14's text tower) is recognised from its tensor shapes alone."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+    real = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                          max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu")
+    with torch.device("meta"):
+        sd = ckpt.canonical_text_keys(CLIPTextModel(real).state_dict())
+    got = ckpt.text_config(sd)
+    for field in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "max_position_embeddings", "vocab_size", "hidden_act"):
+        assert getattr(got, field) == getattr(real, field), field
