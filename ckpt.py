@@ -31,6 +31,7 @@ import unet as unet_lib
 import vae as vae_lib
 
 TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tokenizer"
+TOY_CKPT = Path(__file__).resolve().parent / "assets" / "toy" / "toy_sd.safetensors"  # the embedded default (toy.py)
 PREFIX = {"unet": "model.diffusion_model.", "vae": "first_stage_model.", "text_encoder": "cond_stage_model.transformer."}
 HINT = "qdp needs a Stable Diffusion v1.x checkpoint (a CompVis .safetensors/.ckpt file or a diffusers folder)"
 
@@ -238,7 +239,7 @@ def unet_config_from_diffusers(d, path):
         attention_levels=tuple(i for i, t in enumerate(d["down_block_types"]) if t.startswith("CrossAttn")),
         num_heads=d.get("num_attention_heads") or d.get("attention_head_dim", 8),
         transformer_depth=d.get("transformer_layers_per_block", 1), context_dim=d["cross_attention_dim"],
-        norm_groups=d.get("norm_num_groups", 32))
+        norm_groups=d.get("norm_num_groups", 32), sample_size=d.get("sample_size", 64))
 
 
 def vae_config_from_diffusers(d):
@@ -281,6 +282,8 @@ def read_diffusers(folder):
 def load_sd(path, device="cpu", dtype=torch.float32, verbose=False):
     """Load an SD v1 model from a CompVis single file or a diffusers folder."""
     path = Path(path)
+    if path == TOY_CKPT and not path.is_file():
+        raise CheckpointError(f"the embedded toy model is missing ({path}); run `python toy.py` to pretrain it")
     if path.is_dir():
         parts, meta = read_diffusers(path)
         tok_dir = path / "tokenizer"

@@ -191,15 +191,18 @@ def decode_images(sd, latents):
     return [Image.fromarray(p) for p in pixels]
 
 
-def generate(sd, prompt, negative_prompt="", seed=0, num_inference_steps=50, guidance_scale=7.5, height=512,
-             width=512, scheduler="ddim", eta=0.0, num_images_per_prompt=1, output_type="pil"):
+def generate(sd, prompt, negative_prompt="", seed=0, num_inference_steps=50, guidance_scale=7.5, height=None,
+             width=None, scheduler="ddim", eta=0.0, num_images_per_prompt=1, output_type="pil"):
     """Prompt(s) -> list of PIL images (all images of prompt 0 first), or the latents (B,C,h,w) with
-    output_type="latent". Same seed and settings as diffusers' pipeline with a CPU generator -> same images."""
+    output_type="latent". Same seed and settings as diffusers' pipeline with a CPU generator -> same images.
+    height and width default to the size the model was trained at (unet.config.sample_size latents)."""
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
     if len(negatives) != len(prompts):
         raise ValueError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts")
     f = vae_scale_factor(sd.vae)
+    height = height or f * sd.unet.config.sample_size
+    width = width or height
     if height % f or width % f:
         raise ValueError(f"height and width must be multiples of {f}, got {height}x{width}")
     param = next(sd.unet.parameters())
@@ -230,7 +233,8 @@ def image_grid(images):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Generate images with Stable Diffusion v1.")
     # model
-    parser.add_argument("--ckpt", required=True, help="CompVis single-file checkpoint or diffusers folder")
+    parser.add_argument("--ckpt", default=str(ckpt.TOY_CKPT),
+                        help="CompVis single-file checkpoint or diffusers folder (default: the embedded toy model)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                         help="weights and activations; default float16 on cuda, float32 on cpu")
@@ -241,8 +245,9 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="seeds the CPU generator for x_T and DDIM's eta noise")
     parser.add_argument("--num_inference_steps", type=int, default=50, help="denoising steps (PLMS makes one more)")
     parser.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance; <=1 disables")
-    parser.add_argument("--height", type=int, default=512, help="image height in pixels, a multiple of 8")
-    parser.add_argument("--width", type=int, default=512, help="image width in pixels, a multiple of 8")
+    parser.add_argument("--height", type=int, default=None, help="image height in pixels, a multiple of 8 "
+                        "(default: the model's own size, 512 for SD v1, 64 for the toy model)")
+    parser.add_argument("--width", type=int, default=None, help="image width in pixels, a multiple of 8 (default: as height)")
     parser.add_argument("--scheduler", choices=SCHEDULERS, default="ddim", help="DDIM, or PNDM's linear multistep")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like")
     parser.add_argument("--num_images_per_prompt", type=int, default=1, help="images to draw, in one batch")
@@ -250,9 +255,10 @@ def parse_args(argv=None):
     parser.add_argument("--out", default="sample.png", help="image file; several images are pasted into one grid")
     args = parser.parse_args(argv)
 
-    if min(args.height, args.width) < 8 or args.height % 8 or args.width % 8:
-        parser.error(f"--height and --width must be positive multiples of 8 (SD's VAE factor), e.g. 512; "
-                     f"got {args.height}x{args.width}")
+    for side in (args.height, args.width):
+        if side is not None and (side < 8 or side % 8):
+            parser.error(f"--height and --width must be positive multiples of 8 (SD's VAE factor), e.g. 512; "
+                         f"got {side}")
     if not 1 <= args.num_inference_steps < NUM_TRAIN_TIMESTEPS:
         parser.error(f"--num_inference_steps must be in 1..{NUM_TRAIN_TIMESTEPS - 1}, e.g. 50")
     if not 0 <= args.eta <= 1:

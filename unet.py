@@ -29,6 +29,7 @@ class UNetConfig:
     transformer_depth: int = 1
     context_dim: int = 768                         # CLIP ViT-L/14 text width
     norm_groups: int = 32
+    sample_size: int = 64                          # latent side it was trained at: sets the default image size
 
     @property
     def time_embed_dim(self):
@@ -37,8 +38,8 @@ class UNetConfig:
     @classmethod
     def from_state_dict(cls, sd):
         """Read the architecture off a CompVis-layout UNet state dict (keys without `model.diffusion_model.`).
-        Shapes fix everything but `num_heads` (SD v1's 8 is assumed) and `norm_groups` (32, or the largest power of
-        two below it that divides every width, for narrow models)."""
+        Shapes fix everything but `num_heads` (SD v1's 8 is assumed), `norm_groups` (32, or the largest power of
+        two below it that divides every width, for narrow models) and `sample_size` (SD v1's 64)."""
         mc, cin = sd["input_blocks.0.0.weight"].shape[:2]
         blocks = sorted({int(k.split(".")[1]) for k in sd if k.startswith("input_blocks.")})
         per_level, mult, attn = [0], [], []                    # ResBlocks counted per level
@@ -70,7 +71,13 @@ def tiny():
                       num_heads=2, context_dim=32, norm_groups=8)
 
 
-PRESETS = {"sd_v1": sd_v1, "tiny": tiny}
+def toy():
+    """The toy world's UNet (toy.py): 16x16x4 latents, a 64-wide toy CLIP context, attention at 8x8 and 4x4."""
+    return UNetConfig(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(1, 2),
+                      num_heads=4, context_dim=64, norm_groups=32, sample_size=16)
+
+
+PRESETS = {"sd_v1": sd_v1, "toy": toy, "tiny": tiny}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -336,7 +343,7 @@ def diffusers_config(cfg: UNetConfig):
                 layers_per_block=cfg.num_res_blocks, cross_attention_dim=cfg.context_dim,
                 attention_head_dim=cfg.num_heads,  # diffusers' SD v1 configs store the head *count* under this name
                 transformer_layers_per_block=cfg.transformer_depth, norm_num_groups=cfg.norm_groups,
-                norm_eps=1e-5, flip_sin_to_cos=True, freq_shift=0, act_fn="silu", sample_size=64)
+                norm_eps=1e-5, flip_sin_to_cos=True, freq_shift=0, act_fn="silu", sample_size=cfg.sample_size)
 
 
 if __name__ == "__main__":
