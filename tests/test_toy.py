@@ -1,0 +1,86 @@
+"""The toy world's pretraining loop and the shipped toy models."""
+import pytest
+import torch
+
+import ckpt
+import toy
+import unet as unet_lib
+import vae as vae_lib
+
+
+@pytest.fixture(scope="module")
+def data():
+    return toy.Data(64, seed=0)
+
+
+def vae_loss(model, data):
+    def loss_fn(step):
+        _, x, _ = data.batch(step, 8, seed=1)
+        mean, _ = model.encode(x[:, :, :32, :32])
+        return (model.decode(mean) - x[:, :, :32, :32]).abs().mean()
+    return loss_fn
+
+
+def test_batches_are_a_function_of_the_step(data):
+    """A resumed run sees the same batches as an uninterrupted one: batch(step) depends on (seed, step) only."""
+    a, b = data.batch(5, 4, seed=3), data.batch(5, 4, seed=3)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[2] == b[2]
+    assert not torch.equal(a[0], data.batch(6, 4, seed=3)[0])
+
+
+def test_pretraining_lowers_the_loss(data, tmp_path):
+    """A few dozen steps on a tiny VAE bring the reconstruction loss well down."""
+    torch.manual_seed(0)
+    model = vae_lib.AutoencoderKL(vae_lib.tiny())
+    losses = toy.fit("vae", model, vae_loss(model, data), steps=40, lr=3e-3, out=tmp_path)
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+
+
+def test_resume_equals_uninterrupted(data, tmp_path):
+    """Killed after a checkpoint and rerun, fit ends with bit-identical weights to a run that was never stopped."""
+    def run(out, stop_at=None):
+        torch.manual_seed(0)
+        model = vae_lib.AutoencoderKL(vae_lib.tiny())
+        inner = vae_loss(model, data)
+
+        def loss_fn(step):
+            if step == stop_at:
+                raise KeyboardInterrupt
+            return inner(step)
+        try:
+            toy.fit("vae", model, loss_fn, steps=8, lr=3e-3, out=out, save_every=4)
+        except KeyboardInterrupt:
+            return None
+        return model
+
+    whole = run(tmp_path / "a")
+    assert run(tmp_path / "b", stop_at=6) is None      # dies after the step-4 checkpoint
+    resumed = run(tmp_path / "b")
+    for (k, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_unet_loss_is_finite_and_trains(data, tmp_path):
+    """The UNet stage's eps-prediction loss starts near 1 (unit-variance noise) and falls on a tiny model."""
+    plan = toy.Plan(unet_steps=30, unet_batch=8, unet_lr=2e-3)
+    vae = vae_lib.AutoencoderKL(vae_lib.toy()).eval()
+    text = toy.text_tower(torch.nn.Module.eval(__import__("transformers").CLIPModel(toy.clip_config())))
+    ema = toy.train_unet(data, vae, text, plan, tmp_path)
+    state = torch.load(tmp_path / "unet.pt", weights_only=True)
+    assert state["step"] == 30 and isinstance(ema, unet_lib.UNet)
+
+
+def test_shipped_toy_model_loads_through_the_normal_loader():
+    """assets/toy holds the embedded default: it loads with ckpt.load_sd as the toy presets, and the evaluators load."""
+    sd = ckpt.load_sd(ckpt.TOY_CKPT)
+    assert sd.unet.config == unet_lib.toy()
+    assert sd.vae.config.ch_mult == vae_lib.toy().ch_mult and sd.vae.config.norm_groups == vae_lib.toy().norm_groups
+    assert sd.text_encoder.config.hidden_size == sd.unet.config.context_dim
+    clip, dino = toy.load_evaluators()
+    assert clip.config.vision_config.image_size == toy.SIZE and dino.config.image_size == toy.SIZE
+
+
+def test_shipped_toy_files_stay_small():
+    """Every shipped toy weight file together is at most 40 MB."""
+    total = sum(p.stat().st_size for p in toy.ASSETS.glob("*.safetensors"))
+    assert 0 < total <= 40e6

@@ -1,0 +1,421 @@
+"""The toy world's models and their one-command pretraining, on 2 CPU cores.
+
+No pretrained SD exists on a CPU-only machine, so qdp ships a world of its own (world.py draws captioned 64x64 scenes)
+and pretrains here, at a small size, the same stack SD v1 uses (latent diffusion, arXiv 2112.10752):
+  1. the VAE (vae.py, `toy` preset): 64x64 images <-> 16x16x4 latents;
+  2. a CLIP trained contrastively on the world (arXiv 2103.00020); its text tower, frozen, conditions the UNet;
+  3. the UNet (unet.py, `toy` preset) on the VAE's latents, eps-prediction with SD v1's noise schedule and 10% empty
+     captions for classifier-free guidance (arXiv 2207.12598);
+  4. the evaluators: a second CLIP, trained separately, for CLIP-I/CLIP-T, and a ViT trained without labels
+     (SimCLR's contrastive views, arXiv 2002.05709) standing in for DINO (arXiv 2104.14294).
+It lives apart from the method's modules because it belongs to neither the method nor the SD model: it only makes
+the embedded default model (assets/toy/) that every script falls back to when no --ckpt is given.
+
+    python toy.py                              # pretrain everything (about 25 min on 2 cores); rerun to resume
+    python toy.py --scale 0.02 --out runs/toy_smoke --no_export   # every stage in a minute, for a smoke test
+"""
+import argparse
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from tqdm import tqdm
+from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, ViTConfig, ViTModel
+
+import ckpt
+import sample
+import unet as unet_lib
+import vae as vae_lib
+import world
+
+ASSETS = Path(__file__).resolve().parent / "assets" / "toy"
+SD_FILE, EVAL_FILE = ASSETS / "toy_sd.safetensors", ASSETS / "toy_eval.safetensors"
+SIZE = 64  # image side; the VAE makes 16x16x4 latents of it
+
+
+@dataclass
+class Plan:
+    """Steps, batch sizes and learning rates of each stage; `scale` shrinks every step count (smoke runs)."""
+    n_images: int = 24000
+    vae_steps: int = 600
+    vae_batch: int = 32
+    vae_lr: float = 2e-3
+    clip_steps: int = 600
+    clip_batch: int = 128
+    clip_lr: float = 2e-3
+    class_only: float = 0.3                        # share of CLIP captions that name only the class
+    unet_steps: int = 4600
+    unet_batch: int = 32
+    unet_lr: float = 1e-3
+    min_snr: float = 5.0                           # min-SNR-gamma loss weighting of the UNet
+    eval_clip_steps: int = 1000
+    dino_steps: int = 500
+    dino_batch: int = 96
+    seed: int = 0
+
+    def scaled(self, scale):
+        steps = {k: max(2, int(v * scale)) for k, v in asdict(self).items() if k.endswith("_steps")}
+        return Plan(**{**asdict(self), **steps, "n_images": max(64, int(self.n_images * min(1.0, scale * 4)))})
+
+
+def text_config(width=64, layers=4):
+    """A CLIP text tower small enough for a CPU, with the real SD tokenizer's 49,408-token vocabulary."""
+    return CLIPTextConfig(vocab_size=49408, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
+                          num_attention_heads=width // 16, max_position_embeddings=77, hidden_act="quick_gelu",
+                          projection_dim=width, bos_token_id=49406, eos_token_id=49407, pad_token_id=1)
+
+
+def clip_config(width=64, vision_width=64, vision_layers=3):
+    vision = CLIPVisionConfig(image_size=SIZE, patch_size=8, num_channels=3, hidden_size=vision_width,
+                              intermediate_size=4 * vision_width, num_hidden_layers=vision_layers,
+                              num_attention_heads=vision_width // 16, hidden_act="quick_gelu", projection_dim=width)
+    return CLIPConfig(text_config=text_config(width).to_dict(), vision_config=vision.to_dict(), projection_dim=width)
+
+
+def dino_config():
+    return ViTConfig(image_size=SIZE, patch_size=8, num_channels=3, hidden_size=64, intermediate_size=256,
+                     num_hidden_layers=4, num_attention_heads=4)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# data: rendered once per run, captions drawn afresh at every step
+
+
+class Data:
+    """`n` training scenes of the world as uint8 images (n,3,64,64), and their scenes for captioning."""
+
+    def __init__(self, n, seed):
+        rng = random.Random(seed)
+        self.scenes = [world.sample_scene(rng, split="train") for _ in range(n)]
+        images = [world.render(s, seed=seed * 1_000_003 + i)[0] for i, s in enumerate(tqdm(self.scenes, "render"))]
+        self.images = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in images])
+
+    def batch(self, step, size, seed):
+        """The indices, pixels in [-1, 1] and fresh captions of batch `step`: a pure function of (seed, step),
+        so a resumed run sees exactly the batches an uninterrupted one would."""
+        g = torch.Generator().manual_seed(seed * 7919 + step)
+        idx = torch.randint(len(self.scenes), (size,), generator=g)
+        rng = random.Random(seed * 7919 + step)
+        captions = [world.caption(self.scenes[i], rng) for i in idx.tolist()]
+        return idx, self.images[idx].float() / 127.5 - 1, captions
+
+
+def augment(x, g):
+    """Two views for self-supervised training: a random crop (50-100% of the side) resized back, and a flip.
+    Colors stay: a subject's color is part of its identity."""
+    B, _, H, W = x.shape
+    out = []
+    for i in range(B):
+        s = int(H * (0.5 + 0.5 * torch.rand(1, generator=g).item()))
+        y0, x0 = torch.randint(H - s + 1, (2,), generator=g).tolist()
+        crop = x[i:i + 1, :, y0:y0 + s, x0:x0 + s]
+        crop = F.interpolate(crop, size=(H, W), mode="bilinear", align_corners=False, antialias=True)
+        out.append(crop.flip(-1) if torch.rand(1, generator=g).item() < 0.5 else crop)
+    return torch.cat(out)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# one training loop for every stage
+
+
+def fit(name, model, loss_fn, steps, lr, out, params=None, ema=None, save_every=250):
+    """AdamW with linear warm-up and cosine decay, a resumable checkpoint every `save_every` steps, a progress bar
+    and one log line per interval. `loss_fn(step)` returns the step's loss; `ema` (a copy of model) tracks an
+    exponential moving average of the weights. Returns the list of losses of this call."""
+    path = Path(out) / f"{name}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    params = list(params if params is not None else model.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
+    start, losses = 0, []
+    if path.exists():                                   # resume: weights, optimizer moments, EMA and the step
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        start = state["step"]
+    warmup = max(1, min(100, steps // 10))
+    bar = tqdm(range(start, steps), desc=name, initial=start, total=steps)
+    t0 = time.time()
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / warmup) * (0.55 + 0.45 * math.cos(math.pi * step / steps))
+        loss = loss_fn(step)
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"{name}: loss is {loss.item()} at step {step}; the last good state is in {path}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if ema is not None:
+            decay = min(0.999, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for e, p in zip(ema.parameters(), model.parameters()):
+                    e.lerp_(p, 1 - decay)
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % save_every == 0 or step + 1 == steps:
+            state = {"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1}
+            if ema is not None:
+                state["ema"] = ema.state_dict()
+            torch.save(state, path.with_suffix(".tmp"))
+            path.with_suffix(".tmp").replace(path)
+            tqdm.write(f"{name} step {step + 1}/{steps} loss {sum(losses[-50:]) / len(losses[-50:]):.4f} "
+                       f"{time.time() - t0:.0f}s")
+    return losses
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the stages
+
+
+def train_vae(data, plan, out):
+    """Reconstruction (L1 + L2) with a light KL pull towards N(0, 1), as SD's VAE but without its GAN and LPIPS,
+    on 32x32 crops of the 64x64 images."""
+    torch.manual_seed(plan.seed)
+    model = vae_lib.AutoencoderKL(vae_lib.toy())
+
+    def loss_fn(step):
+        _, x, _ = data.batch(step, plan.vae_batch, plan.seed + 1)
+        y0, x0 = (step * 7) % 33, (step * 13) % 33        # the VAE is convolutional: 32x32 crops cost a quarter
+        x = x[:, :, y0:y0 + 32, x0:x0 + 32]
+        mean, logvar = model.encode(x)
+        z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+        rec = model.decode(z)
+        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
+        return (rec - x).abs().mean() + (rec - x).pow(2).mean() + 1e-4 * kl
+
+    fit("vae", model, loss_fn, plan.vae_steps, plan.vae_lr, out)
+    with torch.no_grad():                               # SD's 0.18215 was 1/std of its latents; measure ours
+        _, x, _ = data.batch(10**6, min(512, len(data.scenes)), plan.seed)
+        model.config.scale_factor = round(1.0 / model.encode(x)[0].std().item(), 5)
+    return model.eval()
+
+
+def train_clip(data, plan, out, name="clip", seed_offset=2, vision_width=64, vision_layers=3):
+    """CLIP's symmetric contrastive loss between images and their (partial) captions."""
+    torch.manual_seed(plan.seed + seed_offset)
+    model = CLIPModel(clip_config(vision_width=vision_width, vision_layers=vision_layers))
+    tokenizer = ckpt.load_tokenizer()
+    steps = plan.clip_steps if name == "clip" else plan.eval_clip_steps
+
+    def loss_fn(step):
+        idx, x, captions = data.batch(step, plan.clip_batch, plan.seed + seed_offset)
+        # some captions name only the class: then only the object's shape tells the images apart, which colors and
+        # backgrounds would otherwise let the contrastive loss ignore
+        g = torch.Generator().manual_seed(plan.seed * 31337 + step)
+        captions = [f"a photo of a {data.scenes[i].cls}" if torch.rand(1, generator=g).item() < plan.class_only
+                    else c for i, c in zip(idx.tolist(), captions)]
+        # padded to the longest caption, not to 77: the text tower is causal, so a token's state never depends on
+        # the padding after it, and training costs a fraction
+        ids = tokenizer(captions, padding="longest", return_tensors="pt").input_ids
+        return model(input_ids=ids, pixel_values=x, return_loss=True).loss
+
+    fit(name, model, loss_fn, steps, plan.clip_lr, out)
+    return model.eval()
+
+
+def text_tower(clip):
+    """The CLIPTextModel inside a trained CLIPModel, as SD's conditioning encoder."""
+    text = CLIPTextModel(clip.config.text_config)
+    sd = ckpt.canonical_text_keys({k: v for k, v in clip.state_dict().items() if k.startswith("text_model.")})
+    text.load_state_dict(ckpt.model_text_keys(sd, text))
+    return text.eval()
+
+
+def train_unet(data, vae, text_encoder, plan, out):
+    """eps-prediction on posterior samples of the VAE latents, t uniform over 0..999, each sample's squared error
+    weighted by min(SNR, gamma) / SNR (min-SNR-gamma, arXiv 2303.09556): nearly-clean timesteps, which only
+    polish details, stop dominating the loss, and the shapes the world is made of are learned sooner."""
+    torch.manual_seed(plan.seed + 3)
+    model = unet_lib.UNet(unet_lib.toy())
+    ema = unet_lib.UNet(unet_lib.toy())
+    ema.load_state_dict(model.state_dict())
+    tokenizer, ab = ckpt.load_tokenizer(), sample.alphas_cumprod()
+    with torch.no_grad():                               # encode every image once; sample the posterior per step
+        stats = [vae.encode(data.images[i:i + 256].float() / 127.5 - 1) for i in range(0, len(data.images), 256)]
+        mean, std = torch.cat([m for m, _ in stats]), torch.cat([torch.exp(0.5 * lv) for _, lv in stats])
+    scale = vae.config.scale_factor
+
+    def loss_fn(step):
+        idx, _, captions = data.batch(step, plan.unet_batch, plan.seed + 3)
+        g = torch.Generator().manual_seed(plan.seed * 104729 + step)
+        captions = ["" if torch.rand(1, generator=g).item() < 0.1 else c for c in captions]  # CFG dropout
+        with torch.no_grad():
+            ctx = text_encoder(ckpt.tokenize(tokenizer, captions)).last_hidden_state
+        x0 = scale * (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g))
+        t = torch.randint(0, 1000, (len(idx),), generator=g)
+        eps = torch.randn(x0.shape, generator=g)
+        a = ab[t][:, None, None, None]
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps      # DDPM eq. 4
+        snr = ab[t] / (1 - ab[t])
+        weight = snr.clamp(max=plan.min_snr) / snr
+        return (weight * (model(x_t, t, ctx) - eps).pow(2).mean(dim=(1, 2, 3))).mean()
+
+    fit("unet", model, loss_fn, plan.unet_steps, plan.unet_lr, out, ema=ema)
+    return ema.eval()
+
+
+def train_dino(data, plan, out):
+    """A ViT trained without labels: two augmented views of an image must find each other in the batch (NT-Xent)."""
+    torch.manual_seed(plan.seed + 5)
+    model = ViTModel(dino_config(), add_pooling_layer=False)
+    head = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 64))
+    both = torch.nn.ModuleDict({"vit": model, "head": head})
+
+    def loss_fn(step):
+        _, x, _ = data.batch(step, plan.dino_batch, plan.seed + 5)
+        g = torch.Generator().manual_seed(plan.seed * 15485863 + step)
+        views = torch.cat([augment(x, g), augment(x, g)])
+        z = F.normalize(head(model(pixel_values=views).last_hidden_state[:, 0]), dim=-1)
+        sim = z @ z.T / 0.1
+        sim.fill_diagonal_(float("-inf"))
+        B = len(x)
+        target = torch.cat([torch.arange(B, 2 * B), torch.arange(B)])
+        return F.cross_entropy(sim, target)
+
+    fit("dino", both, loss_fn, plan.dino_steps, plan.clip_lr, out)
+    return model.eval()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# export and loading
+
+
+def half(sd):
+    return {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
+
+
+def export(sd_model, eval_clip, dino, folder=ASSETS):
+    """fp16 files: the SD part in the CompVis layout (loads with ckpt.load_sd) and the evaluators with their configs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ckpt.save_compvis(sd_model, folder / SD_FILE.name)
+    tensors = load_file(folder / SD_FILE.name)
+    ckpt.atomic_save(half(tensors), folder / SD_FILE.name, {"format": "pt", "qdp.config": ckpt.config_json(sd_model)})
+    tensors = {**{"clip." + k: v for k, v in eval_clip.state_dict().items()},
+               **{"dino." + k: v for k, v in dino.state_dict().items()}}
+    meta = {"format": "pt", "clip_config": json.dumps(eval_clip.config.to_dict()),
+            "dino_config": json.dumps(dino.config.to_dict())}
+    ckpt.atomic_save(half(tensors), folder / EVAL_FILE.name, meta)
+
+
+def load_evaluators(path=EVAL_FILE):
+    """(CLIPModel, ViTModel) of the toy world, in float32 and eval mode."""
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k).float() for k in f.keys()}
+    clip = CLIPModel(CLIPConfig(**json.loads(meta["clip_config"])))
+    dino = ViTModel(ViTConfig(**json.loads(meta["dino_config"])), add_pooling_layer=False)
+    clip.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("clip.")})
+    dino.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("dino.") and ".pooler." not in k})
+    return clip.eval(), dino.eval()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# what the pretrained world knows
+
+
+def attribute_prompts(scene):
+    """Zero-shot candidates for one image: every class; every color of its true class; every context of it."""
+    phrase = lambda ctx: world.caption(world.Scene(scene.cls, "red", "plain", ctx)).split("red ", 1)[1]
+    return {"class": [f"a photo of a {c}" for c in world.CLASSES],
+            "color": [f"a photo of a {c} {scene.cls}" for c in world.COLORS],
+            "context": [f"a photo of a {phrase(ctx)}" for ctx in world.CONTEXTS]}
+
+
+def report(sd_model, ev, n=64, n_subject=8, steps=50, guidance_scale=7.5, seed=0, grid_path=None):
+    """The pretrained world's numbers: zero-shot class/color/context accuracy of the evaluation CLIP on generated
+    images for held-out prompts (real renders of the same scenes give the ceiling), and how close "a photo of a
+    <class>" samples come to each subject (subject fidelity) against the references' fidelity to each other."""
+    import eval as metrics
+    rng = random.Random(seed)
+    scenes = [world.Scene(t.cls, t.color, "plain", t.context) for t in
+              (world.sample_scene(rng, split="heldout") for _ in range(n))]
+    prompts = [world.caption(s) for s in scenes]
+    real = [world.render(s, seed=10_000 + i)[0] for i, s in enumerate(scenes)]
+    fake = []
+    for i in range(0, n, 16):
+        fake += sample.generate(sd_model, prompts[i:i + 16], seed=seed + i, num_inference_steps=steps,
+                                guidance_scale=guidance_scale, height=SIZE, width=SIZE)
+    rows = {}
+    for name, images in (("real renders (ceiling)", real), ("generated", fake)):
+        cand = [attribute_prompts(s) for s in scenes]
+        truth = {"class": [world.CLASSES.index(s.cls) for s in scenes],
+                 "color": [list(world.COLORS).index(s.color) for s in scenes],
+                 "context": [world.CONTEXTS.index(s.context) for s in scenes]}
+        rows[name] = {k: (metrics.zero_shot(ev, images, [c[k] for c in cand]) == torch.tensor(truth[k]))
+                      .float().mean().item() for k in truth}
+    rows["chance"] = {"class": 1 / len(world.CLASSES), "color": 1 / len(world.COLORS),
+                      "context": 1 / len(world.CONTEXTS)}
+    subjects = {}
+    for k, (name, subj) in enumerate(world.SUBJECTS.items()):
+        refs = [world.render_subject(name, ctx, s)[0] for ctx, s in world.references(name)]
+        gen = sample.generate(sd_model, f"a photo of a {subj.cls}", seed=seed + 100 + k, num_inference_steps=steps,
+                              guidance_scale=guidance_scale, height=SIZE, width=SIZE, num_images_per_prompt=n_subject)
+        ci, di = metrics.clip_image_embeds(ev, refs), metrics.dino_embeds(ev, refs)
+        subjects[name] = {"refs_clip_i": metrics.mean_pairwise_cosine(ci, ci, exclude_self=True),
+                          "refs_dino": metrics.mean_pairwise_cosine(di, di, exclude_self=True),
+                          "class_prompt_clip_i": metrics.clip_i(ev, gen, refs),
+                          "class_prompt_dino": metrics.dino(ev, gen, refs)}
+    if grid_path is not None:
+        Path(grid_path).parent.mkdir(parents=True, exist_ok=True)
+        world.grid(list(zip(fake[:32], prompts[:32]))).save(grid_path)
+    return {"zero_shot": rows, "subjects": subjects,
+            "settings": dict(n=n, steps=steps, guidance_scale=guidance_scale, seed=seed, n_subject=n_subject)}
+
+
+def print_report(r):
+    print("| images | class | color | context |\n|---|---|---|---|")
+    for name, acc in r["zero_shot"].items():
+        print(f"| {name} | " + " | ".join(f"{100 * acc[k]:.1f}%" for k in ("class", "color", "context")) + " |")
+    print("\n| subject | CLIP-I refs vs refs | CLIP-I class prompt | DINO refs vs refs | DINO class prompt |")
+    print("|---|---|---|---|---|")
+    keys = ("refs_clip_i", "class_prompt_clip_i", "refs_dino", "class_prompt_dino")
+    for name, m in list(r["subjects"].items()) + [("**mean**", {k: sum(s[k] for s in r["subjects"].values())
+                                                                  / len(r["subjects"]) for k in keys})]:
+        print(f"| {name} | " + " | ".join(f"{m[k]:.3f}" for k in keys) + " |")
+
+
+def pretrain(plan, out, do_export=True):
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "plan.json").write_text(json.dumps(asdict(plan), indent=2))
+    data = Data(plan.n_images, plan.seed)
+    vae = train_vae(data, plan, out)
+    clip = train_clip(data, plan, out)
+    text_encoder = text_tower(clip)
+    unet = train_unet(data, vae, text_encoder, plan, out)
+    eval_clip = train_clip(data, plan, out, name="eval_clip", seed_offset=4, vision_width=96, vision_layers=4)
+    dino = train_dino(data, plan, out)
+    sd_model = ckpt.StableDiffusion(unet, vae, text_encoder, ckpt.load_tokenizer())
+    if do_export:
+        export(sd_model, eval_clip, dino)
+    return sd_model, eval_clip, dino
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Pretrain the toy world's models (resumable).")
+    parser.add_argument("--out", default="runs/toy", help="folder for resumable stage checkpoints")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply every stage's step count (smoke runs)")
+    parser.add_argument("--no_export", action="store_true", help="do not overwrite the shipped models in assets/toy")
+    parser.add_argument("--report", action="store_true",
+                        help="skip training: measure the shipped models (zero-shot accuracy, subject fidelity)")
+    parser.add_argument("--grid", default="docs/toy_heldout.png", help="with --report: where to save a sample grid")
+    args = parser.parse_args()
+    if args.scale <= 0:
+        parser.error("--scale must be positive")
+    if args.report:
+        import eval as metrics
+        result = report(ckpt.load_sd(SD_FILE), metrics.load_evaluators(), grid_path=args.grid)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "report.json").write_text(json.dumps(result, indent=2))
+        print_report(result)
+    else:
+        pretrain(Plan().scaled(args.scale), Path(args.out), do_export=not args.no_export)
