@@ -267,7 +267,10 @@ def read_diffusers(folder):
     vsd, vd = read_component(folder, "vae", ["diffusion_pytorch_model"])
     tsd, td = read_component(folder, "text_encoder", ["model", "pytorch_model"])
     ucfg, vcfg = unet_config_from_diffusers(ud, folder / "unet"), vae_config_from_diffusers(vd)
-    back = lambda m, sd: {({v: k for k, v in m.items()}).get(k, k): t for k, t in sd.items()}  # unknown keys kept
+    def back(key_map, sd):  # diffusers names -> ours; unknown keys are kept so `fill` can name them
+        ours = {v: k for k, v in key_map.items()}
+        return {ours.get(k, k): t for k, t in sd.items()}
+
     parts = {"unet": back(unet_lib.diffusers_key_map(ucfg), usd), "vae": back(vae_lib.diffusers_key_map(vcfg), vsd),
              "text_encoder": canonical_text_keys(tsd)}
     tkeys = {"num_attention_heads", "hidden_act", "layer_norm_eps", "projection_dim"}
@@ -316,11 +319,13 @@ def atomic_save(tensors, path, metadata=None):
     os.replace(tmp, path)
 
 
-def save_compvis(model, path):
-    """One .safetensors file in the CompVis layout, with qdp's config in its metadata."""
+def save_compvis(model, path, dtype=None):
+    """One .safetensors file in the CompVis layout, with qdp's config in its metadata; floating tensors are cast to
+    `dtype` if given (e.g. torch.float16 to halve the file)."""
     parts = {"unet": model.unet.state_dict(), "vae": model.vae.state_dict(),
              "text_encoder": canonical_text_keys(model.text_encoder.state_dict())}
-    tensors = {PREFIX[name] + k: v for name, sd in parts.items() for k, v in sd.items()}
+    cast = lambda v: v.to(dtype) if dtype is not None and v.is_floating_point() else v
+    tensors = {PREFIX[name] + k: cast(v) for name, sd in parts.items() for k, v in sd.items()}
     atomic_save(tensors, path, {"format": "pt", "qdp.config": config_json(model)})
 
 

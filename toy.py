@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from tqdm import tqdm
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, ViTConfig, ViTModel
 
@@ -296,9 +295,7 @@ def half(sd):
 def export(sd_model, eval_clip, dino, folder=ASSETS):
     """fp16 files: the SD part in the CompVis layout (loads with ckpt.load_sd) and the evaluators with their configs."""
     folder.mkdir(parents=True, exist_ok=True)
-    ckpt.save_compvis(sd_model, folder / SD_FILE.name)
-    tensors = load_file(folder / SD_FILE.name)
-    ckpt.atomic_save(half(tensors), folder / SD_FILE.name, {"format": "pt", "qdp.config": ckpt.config_json(sd_model)})
+    ckpt.save_compvis(sd_model, folder / SD_FILE.name, dtype=torch.float16)
     tensors = {**{"clip." + k: v for k, v in eval_clip.state_dict().items()},
                **{"dino." + k: v for k, v in dino.state_dict().items()}}
     meta = {"format": "pt", "clip_config": json.dumps(eval_clip.config.to_dict()),
@@ -346,11 +343,11 @@ def report(sd_model, ev, n=64, n_subject=8, steps=50, guidance_scale=7.5, seed=0
         fake += sample.generate(sd_model, prompts[i:i + 16], seed=seed + i, num_inference_steps=steps,
                                 guidance_scale=guidance_scale, height=SIZE, width=SIZE)
     rows = {}
+    cand = [attribute_prompts(s) for s in scenes]
+    truth = {"class": [world.CLASSES.index(s.cls) for s in scenes],
+             "color": [list(world.COLORS).index(s.color) for s in scenes],
+             "context": [world.CONTEXTS.index(s.context) for s in scenes]}
     for name, images in (("real renders (ceiling)", real), ("generated", fake)):
-        cand = [attribute_prompts(s) for s in scenes]
-        truth = {"class": [world.CLASSES.index(s.cls) for s in scenes],
-                 "color": [list(world.COLORS).index(s.color) for s in scenes],
-                 "context": [world.CONTEXTS.index(s.context) for s in scenes]}
         rows[name] = {k: (metrics.zero_shot(ev, images, [c[k] for c in cand]) == torch.tensor(truth[k]))
                       .float().mean().item() for k in truth}
     rows["chance"] = {"class": 1 / len(world.CLASSES), "color": 1 / len(world.COLORS),
