@@ -235,6 +235,8 @@ def parse_args(argv=None):
     # model
     parser.add_argument("--ckpt", default=str(ckpt.TOY_CKPT),
                         help="CompVis single-file checkpoint or diffusers folder (default: the embedded toy model)")
+    parser.add_argument("--scales", default=None, help="train.py's personalized.safetensors for this --ckpt "
+                        "(PEQA scales, S2 experts, or full weights)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                         help="weights and activations; default float16 on cuda, float32 on cpu")
@@ -279,6 +281,9 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         sd = ckpt.load_sd(args.ckpt, device=args.device, dtype=getattr(torch, args.dtype))
+        if args.scales:
+            import train  # train imports this module
+            sd = train.load_personalized(sd, args.scales, base_path=args.ckpt)
     except ckpt.CheckpointError as e:
         sys.exit(f"error: {e}")
     images = generate(sd, args.prompt, args.negative_prompt, args.seed, args.num_inference_steps, args.guidance_scale,

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -235,6 +236,7 @@ class UNet(nn.Module):
     def __init__(self, config: UNetConfig):
         super().__init__()
         self.config = cfg = config
+        self.gradient_checkpointing = False
         mc, ted, g = cfg.model_channels, cfg.time_embed_dim, cfg.norm_groups
         st = lambda ch: SpatialTransformer(ch, cfg.num_heads, cfg.transformer_depth, cfg.context_dim, g)
         self.time_embed = nn.Sequential(nn.Linear(mc, ted), nn.SiLU(), nn.Linear(ted, ted))
@@ -274,14 +276,18 @@ class UNet(nn.Module):
         """x (B,C,H,W) noisy latents, t (B,) or scalar integer timesteps, ctx (B,77,D) text context -> eps (B,C,H,W)."""
         t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(x.dtype))
+        # gradient checkpointing (set by a training script): keep only each block's output for backward and recompute
+        # the block's insides there, trading one extra forward for most of the activation memory
+        run = (lambda b, *a, **k: checkpoint(b, *a, use_reentrant=False, **k)) \
+            if self.gradient_checkpointing and torch.is_grad_enabled() else (lambda b, *a, **k: b(*a, **k))
         hs = []
         for block in self.input_blocks:
-            x = block(x, emb, ctx)
+            x = run(block, x, emb, ctx)
             hs.append(x)
-        x = self.middle_block(x, emb, ctx)
+        x = run(self.middle_block, x, emb, ctx)
         for block in self.output_blocks:
             x = torch.cat([x, hs.pop()], dim=1)
-            x = block(x, emb, ctx, size=hs[-1].shape[-2:] if hs else None)
+            x = run(block, x, emb, ctx, size=hs[-1].shape[-2:] if hs else None)
         return self.out(x)
 
 

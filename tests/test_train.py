@@ -1,0 +1,297 @@
+"""train.py: instance images from real folders, the timestep logic of S1 and S2, what trains, and whole runs."""
+import io
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train
+from conftest import SHARED
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# instance images
+
+
+def _write_hostile_folder(d):
+    """One file per case a user's photo folder throws at us; returns the names expected to load."""
+    rgb = np.zeros((40, 60, 3), np.uint8)
+    rgb[:, :30] = (255, 0, 0)                                      # left half red, right half blue
+    rgb[:, 30:] = (0, 0, 255)
+    Image.fromarray(rgb).save(d / "a_plain.jpg", quality=95)
+    rgba = np.zeros((32, 32, 4), np.uint8)                        # fully transparent: must become white
+    Image.fromarray(rgba, "RGBA").save(d / "b_rgba.png")
+    Image.fromarray(np.full((32, 32), 128, np.uint8), "L").save(d / "c_gray.png")
+    Image.fromarray(rgb).convert("CMYK").save(d / "d_cmyk.jpg")
+    Image.fromarray(np.full((32, 32), 40000, np.uint16)).save(d / "e_16bit.png")   # mode I;16
+    exif = Image.Exif()
+    exif[0x0112] = 6                                              # EXIF orientation: rotate 90 degrees clockwise
+    Image.fromarray(rgb).save(d / "f_rotated.jpg", exif=exif, quality=95)
+    Image.fromarray(rgb).save(d / "g_photo.webp")
+    (d / "h_not_an_image.jpg").write_text("this is text")
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "JPEG")
+    (d / "i_truncated.jpg").write_bytes(buf.getvalue()[:100])
+    (d / "notes.txt").write_text("ignored: not an image suffix")
+    return ["a_plain.jpg", "b_rgba.png", "c_gray.png", "d_cmyk.jpg", "e_16bit.png", "f_rotated.jpg", "g_photo.webp"]
+
+
+def test_hostile_image_folder(tmp_path):
+    """Every readable format loads as 8-bit upright RGB; unreadable files are skipped with a warning naming them."""
+    good = _write_hostile_folder(tmp_path)
+    opened = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for f in train.image_files(tmp_path):
+            opened[f.name] = train.open_image(f)
+    skipped = [str(w.message) for w in caught]
+    assert sorted(n for n, im in opened.items() if im is not None) == good
+    assert any("h_not_an_image.jpg" in m for m in skipped) and any("i_truncated.jpg" in m for m in skipped)
+    assert all(opened[n].mode == "RGB" for n in good)
+    assert opened["b_rgba.png"].getpixel((0, 0)) == (255, 255, 255)       # transparent -> white
+    assert abs(opened["e_16bit.png"].getpixel((0, 0))[0] - round(40000 / 65535 * 255)) <= 1   # rescaled, not clipped
+    assert opened["f_rotated.jpg"].size == (40, 60)                        # EXIF rotation applied
+    top, bottom = np.asarray(opened["f_rotated.jpg"])[5, 20], np.asarray(opened["f_rotated.jpg"])[55, 20]
+    assert top[0] > 200 and bottom[2] > 200                                # red rotated to the top
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        x = train.load_images(train.image_files(tmp_path), 16)
+    assert x.shape == (len(good), 3, 16, 16) and x.min() >= -1 and x.max() <= 1
+
+
+def test_empty_and_unusable_folders_stop_before_work(tmp_path):
+    """An empty folder, a folder of broken files and a missing folder each raise one clear TrainingError."""
+    with pytest.raises(train.TrainingError, match="not a folder"):
+        train.image_files(tmp_path / "missing")
+    assert train.image_files(tmp_path) == []
+    (tmp_path / "x.jpg").write_text("not a jpeg")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(train.TrainingError, match="no usable image"):
+            train.load_images(train.image_files(tmp_path), 16)
+
+
+@pytest.mark.skipif(not (SHARED / "dreambooth").is_dir(), reason="needs ../shared/assets/dreambooth")
+def test_real_dreambooth_folder():
+    """The real DreamBooth photos (JPEGs of various sizes) load center-cropped at the requested resolution."""
+    files = train.image_files(SHARED / "dreambooth" / "dataset" / "dog")
+    x = train.load_images(files, 64)
+    assert x.shape == (len(files), 3, 64, 64) and 4 <= len(files) <= 6
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# timesteps
+
+
+def test_uniform_experts_match_the_official_rule():
+    """Uniform bounds give expert floor(t*K/1000) for every t, as the official code computes it."""
+    t = torch.arange(1000)
+    for k in (1, 2, 3, 4, 7, 8):
+        assert torch.equal(train.expert_of(t, train.expert_bounds(k)), t * k // 1000)
+
+
+def test_given_boundaries_and_content_interval():
+    """Given inner bounds split t where they say; the default content interval is SD's SNR band [1e-2, 1]."""
+    b = train.expert_bounds(3, [100, 600])
+    assert train.expert_of(torch.tensor([0, 99, 100, 599, 600, 999]), b).tolist() == [0, 0, 1, 1, 2, 2]
+    lo, hi = train.content_interval()
+    import sample
+    a = sample.alphas_cumprod()
+    snr = a / (1 - a)
+    assert snr[lo] <= 1 and snr[lo - 1] > 1 and snr[hi] >= 1e-2 and snr[hi + 1] < 1e-2
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# runs on a tiny quantized model
+
+import ckpt  # noqa: E402
+import quant  # noqa: E402
+import refs  # noqa: E402
+import unet as unet_lib  # noqa: E402
+import vae as vae_lib  # noqa: E402
+
+RES = 32  # pixels: 4x4 latents through the tiny UNet
+
+
+def tiny_sd():
+    u = refs.randomize_(unet_lib.UNet(unet_lib.tiny()), 0, std=0.05)
+    v = refs.randomize_(vae_lib.AutoencoderKL(refs.VAE), 1, std=0.05)
+    return ckpt.StableDiffusion(u, v, refs.clip_text(), ckpt.load_tokenizer())
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A tiny W4 model (RTN) as quant.py writes it, its FP original, and a folder of 3 instance photos."""
+    d = tmp_path_factory.mktemp("train")
+    sd = tiny_sd()
+    ckpt.save_compvis(sd, d / "fp.safetensors")
+    sd.unet = quant.quantize_(sd.unet, 4)
+    quant.save_quantized(sd, d / "q.safetensors")
+    (d / "photos").mkdir()
+    g = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(g.integers(0, 255, (48, 40, 3), dtype=np.uint8)).save(d / "photos" / f"{i:02d}.jpg")
+    return d
+
+
+def run(files, out, *flags):
+    argv = ["--ckpt", str(files / "q.safetensors"), "--instance_data_dir", str(files / "photos"),
+            "--instance_prompt", "a photo of sks mug", "--resolution", str(RES), "--output_dir", str(out),
+            "--max_train_steps", "3", "--learning_rate", "1e-3", *flags]
+    args = train.parse_args(argv)
+    return train.train(args)
+
+
+def quant_state(path):
+    return ckpt.load_sd(path).unet.state_dict()
+
+
+def test_peqa_trains_only_the_scales(files, tmp_path):
+    """PEQA's output holds every weight scale and nothing else; applied to the base, only those scales differ."""
+    out, losses = run(files, tmp_path / "run")
+    base = quant_state(files / "q.safetensors")
+    sd = train.load_personalized(ckpt.load_sd(files / "q.safetensors"), out, files / "q.safetensors")
+    after = sd.unet.state_dict()
+    changed = sorted(k for k in base if not torch.equal(base[k], after[k]))
+    expected = sorted(n for n in base if ".weight_quantizer" in n and n.endswith(".scale"))
+    assert changed == expected and len(losses) == 3
+
+
+def test_full_trains_every_weight(files, tmp_path):
+    """--method full on the FP checkpoint moves every UNet weight and writes only UNet tensors."""
+    argv = ["--method", "full", "--ckpt", str(files / "fp.safetensors"), "--instance_data_dir", str(files / "photos"),
+            "--instance_prompt", "a photo of sks mug", "--resolution", str(RES), "--output_dir",
+            str(tmp_path / "full"), "--max_train_steps", "2", "--learning_rate", "1e-3"]
+    out, _ = train.train(train.parse_args(argv))
+    base = ckpt.load_sd(files / "fp.safetensors").unet.state_dict()
+    from safetensors.torch import load_file
+    trained = load_file(out)
+    assert sorted(trained) == sorted(base)
+    assert all(not torch.equal(base[k], trained[k]) for k in base if "norm" not in k)
+
+
+def test_experts_are_independent(files, tmp_path):
+    """With t drawn only from expert 1's interval, experts 0, 2 and 3 stay bit-identical to the base scales:
+    no AdamW momentum, no weight decay reaches an expert that got no gradient."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out, _ = run(files, tmp_path / "s2", "--n_experts", "4", "--t_range", "250,499", "--adam_weight_decay", "0.1")
+    from safetensors.torch import load_file
+    trained, base = load_file(out), quant_state(files / "q.safetensors")
+    for k in range(4):
+        same = [torch.equal(v, base[n.split(".", 2)[2]]) for n, v in trained.items() if n.startswith(f"expert.{k}.")]
+        assert all(same) if k != 1 else not any(same), k
+
+
+def test_routing_in_a_batch_matches_one_by_one(files):
+    """A batch whose samples belong to different experts gives the outputs and the scale gradients of running
+    each sample alone with its own expert."""
+    sd = ckpt.load_sd(files / "q.safetensors")
+    model, params = train.trainable(sd, "peqa", 4, train.expert_bounds(4))
+    with torch.no_grad():                       # make the experts differ
+        for n, p in params.items():
+            p.mul_(1 + 0.1 * int(n.split(".")[1]))
+    g = torch.Generator().manual_seed(0)
+    batch = dict(x_t=torch.randn(4, 4, 4, 4, generator=g), t=torch.tensor([900, 10, 600, 300]),
+                 ctx=torch.randn(4, 77, 32, generator=g), noise=torch.randn(4, 4, 4, 4, generator=g),
+                 weight=torch.tensor([0.5, 0.5, 0.25, 0.25]))
+    with torch.no_grad():
+        together = model(batch["x_t"], batch["t"], batch["ctx"])
+        alone = torch.cat([model(batch["x_t"][i:i + 1], batch["t"][i:i + 1], batch["ctx"][i:i + 1]) for i in range(4)])
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-6)
+    loss, _ = train.train_step(model, batch)
+    grads = {n: p.grad.clone() for n, p in params.items() if p.grad is not None}
+    for p in params.values():
+        p.grad = None
+    total = 0
+    for i in range(4):
+        total += train.train_step(model, {k: (v[i:i + 1] if torch.is_tensor(v) else v) for k, v in batch.items()})[0]
+    assert sorted(grads) == sorted(n for n, p in params.items() if p.grad is not None)
+    for n, gr in grads.items():
+        torch.testing.assert_close(gr, params[n].grad, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(loss, total)
+
+
+def test_resume_equals_uninterrupted(files, tmp_path):
+    """A run stopped after 2 of 4 steps and resumed ends bit-identical to one that ran 4 steps straight (CPU)."""
+    flags = ("--with_prior_preservation", "--class_prompt", "a photo of a mug", "--class_data_dir",
+             str(tmp_path / "class"), "--num_class_images", "2", "--checkpointing_steps", "2", "--n_experts", "2",
+             "--class_inference_steps", "3")
+    straight, _ = run(files, tmp_path / "a", "--max_train_steps", "4", *flags)
+    run(files, tmp_path / "b", "--max_train_steps", "2", *flags)
+    resumed, _ = run(files, tmp_path / "b", "--max_train_steps", "4", "--resume", *flags)
+    from safetensors.torch import load_file
+    a, b = load_file(straight), load_file(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nan_loss_stops_and_keeps_the_last_state(files, tmp_path, monkeypatch):
+    """A non-finite loss stops the run with a TrainingError, and the last good state stays on disk."""
+    real = train.train_step
+    calls = []
+
+    def poisoned(model, batch):
+        calls.append(1)
+        loss, mse = real(model, batch)
+        return (loss * float("nan"), mse) if len(calls) == 3 else (loss, mse)
+    monkeypatch.setattr(train, "train_step", poisoned)
+    with pytest.raises(train.TrainingError, match="nan"):
+        run(files, tmp_path / "nan", "--max_train_steps", "5", "--checkpointing_steps", "1")
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "nan" / train.STATE_FILE), "pt") as f:
+        assert f.metadata()["step"] == "2"
+
+
+def test_pinned_first_losses(files, tmp_path):
+    """The first losses of a seeded tiny run with prior preservation: a change to the maths moves them."""
+    _, losses = run(files, tmp_path / "pin", "--with_prior_preservation", "--class_prompt", "a photo of a mug",
+                    "--class_data_dir", str(tmp_path / "class"), "--num_class_images", "2",
+                    "--class_inference_steps", "3")
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(PINNED), rtol=1e-4, atol=1e-6)
+
+
+PINNED = [1.6525359, 1.5822935, 1.9140030]
+
+
+def test_class_images_resume_identically(files, tmp_path):
+    """Class image i always comes from seed + i: deleting one and generating again restores the same pixels."""
+    sd = ckpt.load_sd(files / "q.safetensors")
+    paths = train.generate_class_images(sd, "a photo of a mug", tmp_path, 2, seed=3, height=RES, width=RES,
+                                        num_inference_steps=5)
+    first = paths[1].read_bytes()
+    paths[1].unlink()
+    again = train.generate_class_images(sd, "a photo of a mug", tmp_path, 2, seed=3, height=RES, width=RES,
+                                        num_inference_steps=5)
+    assert again[1].read_bytes() == first and len(again) == 2
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--with_prior_preservation", "--class_prompt", "a dog"], "needs --class_data_dir"),
+    (["--with_prior_preservation", "--class_data_dir", "x"], "needs --class_prompt"),
+    (["--t_range", "500,100"], "--t_range needs"),
+    (["--t_range", "abc"], "--t_range takes"),
+    (["--expert_boundaries", "500,100"], "must increase"),
+    (["--expert_boundaries", "500", "--n_experts", "4"], "make 2 experts"),
+    (["--method", "full", "--n_experts", "2"], "needs --method peqa"),
+    (["--max_train_steps", "0"], "at least 1"),
+])
+def test_cli_rejects_bad_flags(flags, message, tmp_path, capsys):
+    """Each inconsistent flag combination stops right after parsing with a message that says what to do."""
+    with pytest.raises(SystemExit):
+        train.parse_args(["--instance_data_dir", str(tmp_path), "--instance_prompt", "a photo of sks dog",
+                          "--output_dir", str(tmp_path / "o"), *flags])
+    assert message in capsys.readouterr().err
+
+
+def test_sample_cli_with_scales(files, tmp_path):
+    """sample.py --scales draws from the personalized model; a scales file from another base is refused."""
+    out, _ = run(files, tmp_path / "s", "--n_experts", "2")
+    import sample
+    sample.main(["--ckpt", str(files / "q.safetensors"), "--scales", str(out), "--prompt", "a photo of sks mug",
+                 "--height", str(RES), "--width", str(RES), "--num_inference_steps", "3", "--out",
+                 str(tmp_path / "x.png")])
+    assert Image.open(tmp_path / "x.png").size == (RES, RES)
+    with pytest.raises(ckpt.CheckpointError, match="another base model"):
+        train.load_personalized(ckpt.load_sd(files / "q.safetensors"), out, files / "fp.safetensors")

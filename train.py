@@ -1,0 +1,559 @@
+"""DreamBooth on a quantized SD v1 UNet by its quantization scales only: the baseline, S1 and S2 of the paper.
+
+- DreamBooth (Ruiz et al., arXiv 2208.12242): a few photos of one subject, an instance prompt with a rare identifier
+  ("a photo of sks dog"), and the class-prior preservation loss on images the model itself draws for the class prompt.
+- PEQA (Kim et al., arXiv 2305.14152): the integer weights stay frozen; only the per-output-channel `scale` of every
+  quantized layer trains (quant.py's WeightQuantizer), about 0.33M numbers for SD v1.
+- Ryu et al., arXiv 2401.04339 (TuneQDM at ECCV): S1 (selective) draws t only from a "content" interval; S2
+  (specialized) keeps K scale sets, experts, each owning an interval of the raw timestep t in 0..999, so a training
+  sample updates the expert of its t and sampling switches experts as t falls.
+`--method full` is the full-precision DreamBooth reference (all UNet weights train, on an FP checkpoint).
+
+    python quant.py --wbits 4 --abits 8 --out runs/q.safetensors        # the toy model, on a CPU
+    python train.py --ckpt runs/q.safetensors --instance_data_dir assets/toy/dreambooth/mug_star \
+        --instance_prompt "a photo of sks mug" --with_prior_preservation --class_prompt "a photo of a mug" \
+        --class_data_dir runs/class/mug --n_experts 4 --output_dir runs/mug_star
+    python sample.py --ckpt runs/q.safetensors --scales runs/mug_star/personalized.safetensors \
+        --prompt "a photo of sks mug on the beach" --num_images_per_prompt 4 --out mug.png
+"""
+import argparse
+import json
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+from safetensors import safe_open
+from tqdm import tqdm
+
+import ckpt
+import quant
+import sample
+import unet as unet_lib
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+OUT_FILE, STATE_FILE = "personalized.safetensors", "state.safetensors"
+# defaults of the paper's official scripts (SD v1.4, 512 px, batch 1); the toy model's own values were tuned here
+REAL_DEFAULTS = dict(learning_rate=3e-6, max_train_steps=400, full_learning_rate=5e-6)
+TOY_DEFAULTS = dict(learning_rate=2e-4, max_train_steps=200, full_learning_rate=5e-5)
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on; the message says what to do."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# images from real folders
+
+
+def open_image(path):
+    """Any image file -> an upright 8-bit RGB PIL image, or None with a one-line warning if it cannot be read."""
+    try:
+        img = Image.open(path)
+        img.load()
+        img = ImageOps.exif_transpose(img)           # phone photos store their rotation in EXIF
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        warnings.warn(f"skipping {path}: not a readable image ({e})", stacklevel=2)
+        return None
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):   # 16-bit or float grayscale: rescale, don't clip
+        a = np.asarray(img, dtype=np.float32)
+        a = a / 65535.0 if a.max() > 255 else a / 255.0
+        img = Image.fromarray((a.clip(0, 1) * 255).round().astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")                  # transparent pixels become white, not black
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return img.convert("RGB")                      # CMYK, palette, grayscale
+
+
+def image_files(folder):
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise TrainingError(f"{folder} is not a folder; point --instance_data_dir at a folder of 3-6 photos")
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+
+
+def load_images(files, resolution):
+    """Image files -> (N,3,R,R) in [-1, 1]: the short side resized to R, then center-cropped; unreadable files are
+    skipped with a warning, and a list with no usable image stops the run before any work."""
+    out = []
+    for im in (open_image(f) for f in files):
+        if im is None:
+            continue
+        s = resolution / min(im.size)
+        im = im.resize((max(resolution, round(im.width * s)), max(resolution, round(im.height * s))), Image.BICUBIC)
+        left, top = (im.width - resolution) // 2, (im.height - resolution) // 2
+        im = im.crop((left, top, left + resolution, top + resolution))
+        out.append(torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 127.5 - 1)
+    if not out:
+        where = Path(files[0]).parent if files else "the folder"
+        raise TrainingError(f"no usable image in {where} (looked for {', '.join(IMAGE_SUFFIXES)}); add photos")
+    return torch.stack(out)
+
+
+def generate_class_images(sd, class_prompt, folder, n, seed=0, batch_size=4, num_inference_steps=50,
+                          guidance_scale=7.5, height=None, width=None):
+    """The prior: `n` images of the class prompt drawn by the model itself into `folder` (DreamBooth sec. 3.3).
+    Image i always comes from seed + i, so an interrupted generation resumes where it stopped."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    note = folder / "class_prompt.txt"
+    if note.is_file() and note.read_text().strip() != class_prompt:
+        warnings.warn(f"{folder} holds images of {note.read_text().strip()!r}, not {class_prompt!r}; "
+                      "use another --class_data_dir unless that is what you want", stacklevel=2)
+    elif not note.is_file():
+        note.write_text(class_prompt + "\n")
+    todo = [i for i in range(n) if not (folder / f"{i:04d}.png").is_file()]
+    for j in tqdm(range(0, len(todo), batch_size), "class images", disable=not todo):
+        for i in todo[j:j + batch_size]:  # one seed per image, so a batch size change keeps the images
+            img = sample.generate(sd, class_prompt, seed=seed + i, num_inference_steps=num_inference_steps,
+                                  guidance_scale=guidance_scale, height=height, width=width)[0]
+            img.save(folder / f".{i:04d}.png")           # rename is atomic: a killed run leaves no half file
+            (folder / f".{i:04d}.png").replace(folder / f"{i:04d}.png")
+    return sorted(folder.glob("[0-9][0-9][0-9][0-9].png"))[:n]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# timesteps: S1's content interval and S2's experts
+
+
+def content_interval(lo_snr=1e-2, hi_snr=1.0):
+    """The timesteps whose signal-to-noise ratio lies in [1e-2, 1]: the stage where P2 weighting (arXiv 2204.00227)
+    finds diffusion models form an image's content, between coarse layout (lower SNR) and clean-up (higher).
+    With SD v1's schedule this is t in [354, 933]; S1's default."""
+    a = sample.alphas_cumprod()
+    snr = a / (1 - a)
+    t = torch.nonzero((snr >= lo_snr) & (snr <= hi_snr)).flatten()
+    return int(t.min()), int(t.max())
+
+
+def expert_bounds(n_experts, boundaries=None):
+    """K+1 increasing bounds; expert k owns lo_k <= t < lo_{k+1}. Uniform bounds ceil(1000k/K) give expert
+    floor(t*K/1000), the official code's rule."""
+    inner = boundaries if boundaries is not None else \
+        [math.ceil(k * sample.NUM_TRAIN_TIMESTEPS / n_experts) for k in range(1, n_experts)]
+    return [0, *inner, sample.NUM_TRAIN_TIMESTEPS]
+
+
+def expert_of(t, bounds):
+    """Raw timesteps t (B,) -> the index of the expert that owns each."""
+    return torch.bucketize(t, torch.tensor(bounds[1:-1], device=t.device), right=True)
+
+
+class ExpertUNet(nn.Module):
+    """S2: one frozen integer UNet and K scale sets. Each sample of a batch runs with the expert of its own t:
+    samples are grouped by expert, each group runs with its expert's scales put in place, and the outputs return to
+    batch order. An expert outside the batch is not in the graph, so it gets no gradient and AdamW leaves it alone."""
+
+    def __init__(self, unet, experts, bounds):
+        super().__init__()
+        self.unet, self.experts, self.bounds = unet, experts, bounds   # experts: K x {quantizer name: scale}
+        self.quantizers = {n: m for n, m in unet.named_modules() if isinstance(m, quant.WeightQuantizer)}
+
+    @property
+    def config(self):
+        return self.unet.config
+
+    def use(self, k):
+        for name, scale in self.experts[k].items():
+            self.quantizers[name].scale = scale       # assigning a Parameter re-registers it in place of the last
+
+    def forward(self, x, t, ctx):
+        t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
+        owner = expert_of(t, self.bounds)
+        out, order = [], []
+        for k in owner.unique().tolist():
+            idx = torch.nonzero(owner == k).flatten()
+            self.use(k)
+            out.append(self.unet(x[idx], t[idx], ctx[idx]))
+            order.append(idx)
+        return torch.cat(out)[torch.argsort(torch.cat(order))]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# what trains
+
+
+def scale_params(unet):
+    """{name: the `scale` Parameter of every WeightQuantizer}: all that PEQA trains."""
+    return {f"{n}.scale": m.scale for n, m in unet.named_modules() if isinstance(m, quant.WeightQuantizer)}
+
+
+def trainable(sd, method, n_experts, bounds):
+    """Freeze the UNet, then open what `method` trains. Returns the model to call and {name: Parameter}."""
+    unet = sd.unet
+    unet.requires_grad_(False)
+    if method == "full":
+        unet.requires_grad_(True)
+        return unet, dict(unet.named_parameters())
+    scales = scale_params(unet)
+    if not scales:
+        raise TrainingError("--ckpt holds a full-precision UNet; quantize it first (python quant.py --ckpt ... "
+                            "--out q.safetensors) or train it with --method full")
+    if n_experts == 1:
+        for p in scales.values():
+            p.requires_grad_(True)
+        return unet, scales
+    experts = [{n[:-len(".scale")]: nn.Parameter(p.detach().clone()) for n, p in scales.items()}
+               for _ in range(n_experts)]
+    params = {f"expert.{k}.{n}.scale": p for k, e in enumerate(experts) for n, p in e.items()}
+    return ExpertUNet(unet, experts, bounds), params
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the training step
+
+
+@torch.no_grad()
+def encode(sd, images, batch_size=8):
+    """Images in [-1, 1] -> the mean and std of their VAE posteriors, times the latent scale factor; each training
+    step draws a fresh posterior sample from them, as if it ran the encoder."""
+    means, stds = [], []
+    for x in images.split(batch_size):
+        mean, logvar = sd.vae.encode(x.to(sd.device))
+        means.append(mean * sd.vae.config.scale_factor)
+        stds.append(torch.exp(0.5 * logvar) * sd.vae.config.scale_factor)
+    return torch.cat(means), torch.cat(stds)
+
+
+def make_batch(data, g, batch_size, t_range, prior_loss_weight):
+    """`batch_size` instance and (with prior preservation) `batch_size` class examples in one batch, each with its
+    own timestep drawn uniformly from t_range, noised by DDPM's forward process. `weight` makes the weighted sum of
+    per-sample MSEs equal DreamBooth's loss (eq. 2): mean instance MSE + prior_loss_weight * mean class MSE."""
+    dev = data["inst_mean"].device
+    pick = lambda n: torch.randint(n, (batch_size,), generator=g).to(dev)
+    i = pick(len(data["inst_mean"]))
+    mean, std, ctx = data["inst_mean"][i], data["inst_std"][i], data["inst_ctx"].expand(batch_size, -1, -1)
+    weight = torch.full((batch_size,), 1.0 / batch_size)
+    if "class_mean" in data:
+        c = pick(len(data["class_mean"]))
+        mean, std = torch.cat([mean, data["class_mean"][c]]), torch.cat([std, data["class_std"][c]])
+        ctx = torch.cat([ctx, data["class_ctx"].expand(batch_size, -1, -1)])
+        weight = torch.cat([weight, torch.full((batch_size,), prior_loss_weight / batch_size)])
+    randn = lambda: torch.randn(mean.shape, generator=g).to(dev)
+    x0 = mean + std * randn()                                   # a fresh posterior sample of each image's latents
+    t = torch.randint(t_range[0], t_range[1] + 1, (len(x0),), generator=g).to(dev)
+    noise = randn()
+    a = data["alphas_cumprod"][t].view(-1, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise                # q(x_t | x_0)
+    return dict(x_t=x_t, t=t, ctx=ctx, noise=noise, weight=weight.to(dev), n_instance=batch_size)
+
+
+def train_step(model, batch):
+    """Forward and backward of one batch; returns the loss and the per-sample MSEs (detached).
+
+    Under S2 the samples are grouped by the expert that owns their t, and each group runs its forward AND its
+    backward with its expert's scales in place: gradient checkpointing recomputes blocks during backward, and must
+    see the same scales as the forward did. Gradients of the groups add up to the whole batch's."""
+    t, mse = batch["t"], torch.zeros(len(batch["t"]))
+    if isinstance(model, ExpertUNet):
+        owner = expert_of(t, model.bounds)
+        groups = [(k, torch.nonzero(owner == k).flatten()) for k in owner.unique().tolist()]
+    else:
+        groups = [(None, torch.arange(len(t), device=t.device))]
+    for k, idx in groups:
+        unet = model if k is None else model.unet
+        if k is not None:
+            model.use(k)
+        eps = unet(batch["x_t"][idx], t[idx], batch["ctx"][idx])
+        per_sample = F.mse_loss(eps.float(), batch["noise"][idx].float(), reduction="none").mean(dim=(1, 2, 3))
+        (batch["weight"][idx] * per_sample).sum().backward()
+        mse[idx.cpu()] = per_sample.detach().cpu()
+    return (batch["weight"].cpu() * mse).sum(), mse
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# checkpoints: only what trained, the run's config and the base model's digest
+
+
+def save_state(path, params, optimizer, rng, step, config):
+    """Everything a bitwise resume needs: the trained tensors, AdamW's moments and step counts, the RNG state."""
+    tensors = {"param." + n: p.detach().cpu() for n, p in params.items()}
+    for n, p in params.items():
+        for k, v in optimizer.state.get(p, {}).items():
+            tensors[f"adam.{k}.{n}"] = v.detach().cpu()
+    tensors["rng"] = rng.get_state()
+    ckpt.atomic_save(tensors, path, {"qdp.train": json.dumps(config), "step": str(step)})
+
+
+def load_state(path, params, optimizer, rng, config):
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    saved = json.loads(meta["qdp.train"])
+    changed = [k for k in config if k not in ("max_train_steps", "resume") and saved.get(k) != config[k]]
+    if changed:
+        raise TrainingError(f"{path} was written by a run with other settings ({', '.join(changed)}); "
+                            "resume with the same flags or use a fresh --output_dir")
+    moments = {}
+    for key, v in tensors.items():
+        if key.startswith("adam."):
+            _, kind, name = key.split(".", 2)       # adam.{step,exp_avg,exp_avg_sq}.{parameter name}
+            moments.setdefault(name, {})[kind] = v
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(tensors["param." + n])
+            if n in moments:                        # an expert that never trained has no AdamW state yet
+                optimizer.state[p] = {k: v.to(p.device) for k, v in moments[n].items()}
+    rng.set_state(tensors["rng"])
+    return int(meta["step"])
+
+
+def load_personalized(sd, path, base_path=None):
+    """Put train.py's output into a loaded base model: scales (PEQA), experts (S2: sd.unet becomes an ExpertUNet)
+    or full UNet weights. With `base_path`, checks that it is the model the run started from."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise ckpt.CheckpointError(f"cannot read {path} ({e}); pass the personalized.safetensors train.py wrote")
+    if "qdp.train" not in meta:
+        raise ckpt.CheckpointError(f"{path} is not a train.py output (no qdp.train metadata)")
+    config = json.loads(meta["qdp.train"])
+    if base_path is not None and quant.sha256(base_path) != config["base_sha256"]:
+        raise ckpt.CheckpointError(f"{path} was trained on another base model ({config['ckpt']}); pass that "
+                                   "file as --ckpt")
+    unet = sd.unet
+    if config["method"] == "full":
+        unet.load_state_dict(tensors)                # copies into the model's own device and dtype
+        return sd
+    if config["n_experts"] == 1:
+        own = scale_params(unet)
+        with torch.no_grad():
+            for n, v in tensors.items():
+                own[n].copy_(v)
+        return sd
+    own, experts = scale_params(unet), [{} for _ in range(config["n_experts"])]
+    for n, v in tensors.items():
+        k, name = n.split(".", 2)[1:]                # expert.{k}.{quantizer name}.scale
+        experts[int(k)][name[:-len(".scale")]] = nn.Parameter(v.to(own[name]), requires_grad=False)
+    sd.unet = ExpertUNet(unet, experts, config["bounds"])
+    return sd
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the run
+
+
+def prepare(sd, args):
+    """Instance and class latents and the two text contexts, computed once; the VAE and text encoder then leave."""
+    files = image_files(args.instance_data_dir)
+    if not files:
+        raise TrainingError(f"{args.instance_data_dir} holds no image ({', '.join(IMAGE_SUFFIXES)}); add 3-6 photos")
+    inst = load_images(files, args.resolution)
+    data = {"alphas_cumprod": sample.alphas_cumprod().to(sd.device)}
+    data["inst_mean"], data["inst_std"] = encode(sd, inst)
+    data["inst_ctx"] = sample.encode_prompts(sd, [args.instance_prompt])
+    if args.with_prior_preservation:
+        files = generate_class_images(sd, args.class_prompt, args.class_data_dir, args.num_class_images,
+                                      seed=args.seed, batch_size=args.sample_batch_size, height=args.resolution,
+                                      num_inference_steps=args.class_inference_steps,
+                                      width=args.resolution)
+        data["class_mean"], data["class_std"] = encode(sd, load_images(files, args.resolution))
+        data["class_ctx"] = sample.encode_prompts(sd, [args.class_prompt])
+    sd.vae = sd.text_encoder = None
+    return data
+
+
+def default_quantized(path=Path("runs/toy_w4a8.safetensors")):
+    """The toy model quantized W4A8 by quant.py's fast preset: the base PEQA trains on when no --ckpt is given.
+    Made once (a few minutes on a CPU) and reused."""
+    if not path.is_file():
+        print(f"no --ckpt given: quantizing the toy model W4A8 into {path} (once)")
+        quant.main(["--wbits", "4", "--abits", "8", "--preset", "fast", "--out", str(path)])
+    return path
+
+
+def resolve_defaults(args, sd):
+    """Defaults that depend on the model: the paper's for SD v1, ours for the toy architecture; the model's size."""
+    d = TOY_DEFAULTS if sd.unet.config == unet_lib.toy() else REAL_DEFAULTS
+    if args.learning_rate is None:
+        args.learning_rate = d["full_learning_rate" if args.method == "full" else "learning_rate"]
+    args.max_train_steps = args.max_train_steps or d["max_train_steps"]
+    args.resolution = args.resolution or sample.vae_scale_factor(sd.vae) * sd.unet.config.sample_size
+
+
+def run_config(args):
+    keys = ("method", "n_experts", "bounds", "t_range", "instance_prompt", "class_prompt", "with_prior_preservation",
+            "prior_loss_weight", "num_class_images", "resolution", "train_batch_size", "learning_rate",
+            "max_train_steps", "seed", "adam_weight_decay", "max_grad_norm", "ckpt", "base_sha256")
+    return {k: getattr(args, k) for k in keys}
+
+
+def lean_malloc():
+    """On Linux CPUs: send every allocation above 128 KB to mmap, so the activation buffers that checkpointing frees
+    go back to the OS. glibc otherwise raises that threshold as large blocks are freed and keeps later ones in its
+    heap, and the resident peak of a training step grows by hundreds of MB of freed memory (bench/bench_train.py)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        try:
+            ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)   # M_MMAP_THRESHOLD
+        except (OSError, AttributeError):
+            pass                                                  # not glibc (e.g. musl): nothing to tune
+
+
+def train(args):
+    """The whole run; returns the path of the personalized file and the list of losses."""
+    if args.device == "cpu":
+        lean_malloc()
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.ckpt is None:
+        args.ckpt = str(ckpt.TOY_CKPT if args.method == "full" else default_quantized())
+    args.base_sha256 = quant.sha256(args.ckpt)
+    sd = ckpt.load_sd(args.ckpt, device=args.device)
+    resolve_defaults(args, sd)
+    torch.manual_seed(args.seed)
+    data = prepare(sd, args)
+    model, params = trainable(sd, args.method, args.n_experts, args.bounds)
+    sd.unet.gradient_checkpointing = args.gradient_checkpointing
+    print(f"{args.method}: {sum(p.numel() for p in params.values()):,} trainable numbers in {len(params)} tensors"
+          + (f", {args.n_experts} experts over t bounds {args.bounds}" if args.n_experts > 1 else "")
+          + f"; t drawn from {args.t_range[0]}..{args.t_range[1]}")
+    optimizer = torch.optim.AdamW(params.values(), lr=args.learning_rate, weight_decay=args.adam_weight_decay)
+    rng = torch.Generator().manual_seed(args.seed)
+    config, start, losses = run_config(args), 0, []
+    state = out / STATE_FILE
+    if args.resume and state.is_file():
+        start = load_state(state, params, optimizer, rng, config)
+        print(f"resumed from {state} at step {start}")
+    bar = tqdm(range(start, args.max_train_steps), "train", initial=start, total=args.max_train_steps)
+    t0 = time.time()
+    for step in bar:
+        batch = make_batch(data, rng, args.train_batch_size, args.t_range, args.prior_loss_weight)
+        optimizer.zero_grad(set_to_none=True)    # None, not zero: AdamW skips experts that got no gradient
+        loss, mse = train_step(model, batch)
+        if not torch.isfinite(loss):
+            raise TrainingError(f"loss is {loss.item()} at step {step}; the last good state is {state}: lower "
+                                "--learning_rate and rerun with --resume")
+        torch.nn.utils.clip_grad_norm_([p for p in params.values() if p.grad is not None], args.max_grad_norm)
+        optimizer.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % args.checkpointing_steps == 0 or step + 1 == args.max_train_steps:
+            save_state(state, params, optimizer, rng, step + 1, config)
+            n = args.train_batch_size
+            tqdm.write(f"step {step + 1}/{args.max_train_steps} loss {loss.item():.4f} instance "
+                       f"{mse[:n].mean().item():.4f}" + (f" prior {mse[n:].mean().item():.4f}" if len(mse) > n else "")
+                       + f" {time.time() - t0:.0f}s")
+    tensors = {n: p.detach().cpu().contiguous() for n, p in params.items()}
+    ckpt.atomic_save(tensors, out / OUT_FILE, {"qdp.train": json.dumps(config)})
+    print(f"wrote {out / OUT_FILE} ({(out / OUT_FILE).stat().st_size / 2**20:.2f} MiB)")
+    return out / OUT_FILE, losses
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="DreamBooth on a quantized SD v1 model by its scales (PEQA, S1, S2).")
+    # model
+    p.add_argument("--ckpt", default=None, help="quantized file from quant.py, or an FP checkpoint for --method "
+                   "full (default: the toy model, quantized W4A8 once into runs/ for PEQA)")
+    p.add_argument("--method", choices=["peqa", "full"], default="peqa", help="peqa: only the scales train; full: "
+                   "every UNet weight of an FP model (the DreamBooth reference)")
+    p.add_argument("--t_range", default=None, help="S1: train only at t in LO,HI (e.g. 354,933); 'content' for the "
+                   "SNR band [1e-2, 1] (see content_interval); default all of 0,999")
+    p.add_argument("--n_experts", type=int, default=1, help="S2: scale sets, each owning a timestep interval")
+    p.add_argument("--expert_boundaries", default=None, help="S2: K-1 inner bounds, e.g. 250,500,750 (default uniform)")
+    # data (diffusers' DreamBooth flag names)
+    p.add_argument("--instance_data_dir", required=True, help="folder of 3-6 photos of the subject")
+    p.add_argument("--instance_prompt", required=True, help="prompt with the identifier, e.g. 'a photo of sks dog'")
+    p.add_argument("--with_prior_preservation", action="store_true", help="add the class-prior preservation loss")
+    p.add_argument("--class_data_dir", default=None, help="where class images are cached (generated if missing)")
+    p.add_argument("--class_prompt", default=None, help="the subject's class, e.g. 'a photo of a dog'")
+    p.add_argument("--prior_loss_weight", type=float, default=1.0, help="weight of the class MSE")
+    p.add_argument("--num_class_images", type=int, default=100, help="class images for the prior")
+    p.add_argument("--sample_batch_size", type=int, default=4, help="batch for generating class images")
+    p.add_argument("--class_inference_steps", type=int, default=50, help="DDIM steps per class image")
+    p.add_argument("--resolution", type=int, default=None, help="training side in pixels (default: the model's)")
+    # optimisation
+    p.add_argument("--train_batch_size", type=int, default=1, help="instance examples per step (plus as many class)")
+    p.add_argument("--learning_rate", type=float, default=None,
+                   help=f"AdamW lr (default {REAL_DEFAULTS['learning_rate']} as the official code, "
+                        f"{REAL_DEFAULTS['full_learning_rate']} for full; toy model: {TOY_DEFAULTS['learning_rate']})")
+    p.add_argument("--max_train_steps", type=int, default=None,
+                   help=f"optimizer steps (default {REAL_DEFAULTS['max_train_steps']}; toy {TOY_DEFAULTS['max_train_steps']})")
+    p.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW's decoupled weight decay")
+    p.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping")
+    p.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                   help="recompute each UNet block in backward (default on)")
+    p.add_argument("--seed", type=int, default=0, help="seeds class images, batches, timesteps and noise")
+    # output
+    p.add_argument("--output_dir", required=True, help="gets personalized.safetensors and state.safetensors")
+    p.add_argument("--checkpointing_steps", type=int, default=50, help="save the resumable state every N steps")
+    p.add_argument("--resume", action="store_true", help="continue from output_dir/state.safetensors")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    args = p.parse_args(argv)
+
+    # the checks diffusers' DreamBooth script makes, and ours
+    if args.with_prior_preservation:
+        if args.class_data_dir is None:
+            p.error("--with_prior_preservation needs --class_data_dir (a folder for the class images)")
+        if args.class_prompt is None:
+            p.error("--with_prior_preservation needs --class_prompt, e.g. 'a photo of a dog'")
+    elif args.class_data_dir or args.class_prompt:
+        warnings.warn("--class_data_dir/--class_prompt are ignored without --with_prior_preservation", stacklevel=2)
+    args.ckpt = str(args.ckpt) if args.ckpt else None
+    if args.ckpt and not Path(args.ckpt).exists():
+        p.error(f"--ckpt {args.ckpt} does not exist; for PEQA make a quantized model first: "
+                "python quant.py --out q.safetensors")
+    if args.method == "full" and args.n_experts != 1:
+        p.error("--n_experts needs --method peqa: experts are scale sets over one integer UNet")
+    if args.t_range in (None, "all"):
+        args.t_range = [0, sample.NUM_TRAIN_TIMESTEPS - 1]
+    elif args.t_range == "content":
+        args.t_range = list(content_interval())
+    else:
+        try:
+            lo, hi = (int(v) for v in args.t_range.split(","))
+        except ValueError:
+            p.error(f"--t_range takes LO,HI (e.g. 354,933) or 'content', got {args.t_range!r}")
+        if not 0 <= lo <= hi < sample.NUM_TRAIN_TIMESTEPS:
+            p.error(f"--t_range needs 0 <= LO <= HI <= 999, got {lo},{hi}")
+        args.t_range = [lo, hi]
+    inner = None
+    if args.expert_boundaries:
+        try:
+            inner = [int(v) for v in args.expert_boundaries.split(",")]
+        except ValueError:
+            p.error(f"--expert_boundaries takes integers like 250,500,750, got {args.expert_boundaries!r}")
+        if inner != sorted(set(inner)) or not all(0 < b < sample.NUM_TRAIN_TIMESTEPS for b in inner):
+            p.error("--expert_boundaries must increase strictly within 1..999")
+        if args.n_experts not in (1, len(inner) + 1):
+            p.error(f"{len(inner)} boundaries make {len(inner) + 1} experts, but --n_experts is {args.n_experts}")
+        args.n_experts = len(inner) + 1
+    if args.n_experts < 1:
+        p.error("--n_experts must be at least 1")
+    args.bounds = expert_bounds(args.n_experts, inner)
+    lo, hi = args.t_range
+    idle = [k for k in range(args.n_experts) if args.bounds[k + 1] <= lo or args.bounds[k] > hi]
+    if idle:
+        warnings.warn(f"experts {idle} own no timestep of --t_range {args.t_range} and will not train", stacklevel=2)
+    for name in ("train_batch_size", "num_class_images", "checkpointing_steps", "sample_batch_size",
+                 "class_inference_steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1")
+    if args.learning_rate is not None and args.learning_rate <= 0:
+        p.error("--learning_rate must be positive")
+    if args.max_train_steps is not None and args.max_train_steps < 1:
+        p.error("--max_train_steps must be at least 1")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("CUDA is not available here; use --device cpu")
+    out = Path(args.output_dir)
+    if (out / STATE_FILE).is_file() and not args.resume:
+        p.error(f"{out} already holds a run; add --resume to continue it, or pick another --output_dir")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        train(args)
+    except (TrainingError, ckpt.CheckpointError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
