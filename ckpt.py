@@ -293,6 +293,9 @@ def load_sd(path, device="cpu", dtype=torch.float32, verbose=False):
         tokenizer = load_tokenizer(tok_dir) if (tok_dir / "vocab.json").is_file() else None
     else:
         tensors, meta = read_tensors(path)
+        if "qdp.quant" in meta:  # written by quant.py: an integer UNet, which only quant.py knows how to build
+            import quant  # here, not at the top: quant imports ckpt
+            return quant.build_quantized(tensors, meta, path, device, dtype)
         check_family(tensors, path)
         parts, tokenizer = split_compvis(tensors), None
     model = build(parts, path, meta, tokenizer, device, dtype)
