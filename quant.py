@@ -1,26 +1,24 @@
 """Post-training quantization of the SD v1 UNet to integer weights: Q-Diffusion with AdaRound and BRECQ.
 
-Q-Diffusion (Li et al., arXiv 2302.04304) quantizes a trained diffusion model with time-step-aware calibration data
-(UNet inputs recorded along the sampler's whole trajectory) and split shortcut quantization (decoder layers that read
-the concatenation [h, skip] quantize its two parts separately). The rounding of each weight is learned with AdaRound
-(Nagel et al., arXiv 2004.10568), block by block as in BRECQ (Li et al., arXiv 2102.05426); activation step sizes are
-then learned LSQ-style (Esser et al., arXiv 1902.08153).
+Q-Diffusion (Li et al., arXiv 2302.04304) calibrates on UNet inputs from the sampler's whole trajectory and quantizes
+the two parts of a decoder layer's input [h, skip] separately. Rounding is learned with AdaRound (Nagel et al., arXiv
+2004.10568) block by block as in BRECQ (Li et al., arXiv 2102.05426), then activation steps LSQ-style (Esser et al.,
+arXiv 1902.08153).
 
-1. `calibrate`: sample with the FP model (DDIM, CFG) and keep the UNet inputs (x_t, t, ctx) of both halves at every
+1. `calibrate`: sample with the FP model (DDIM, CFG); keep the UNet inputs (x_t, t, ctx) of both halves at every
    `every`-th step.
-2. `quantize_`: swap each Conv2d/Linear (and CrossAttention) of the UNet by name for QuantConv2d/QuantLinear
-   (QuantCrossAttention). Weights: per output channel, asymmetric, codes in [0, 2^b - 1] stored as uint8 (two a byte
-   for b <= 4), w = scale * (w_int - zero_point); the range is the clipping ratio with the least Lp error (p = 2.4),
-   codes rounded to nearest (RTN, the baseline). Activations: per-tensor asymmetric fake quantization of each layer's
-   input, of attention's q, k, v and of its probabilities.
+2. `quantize_`: swap each Conv2d/Linear (and CrossAttention) by name for QuantConv2d/QuantLinear (QuantCrossAttention):
+   integer weights per output channel, rounded to nearest in the range of least Lp error (RTN, the baseline; the
+   format is WeightQuantizer's), and per-tensor fake quantization of each layer's input and of attention's q, k, v
+   and probabilities.
 3. `reconstruct`, unit by unit in forward order (ResBlocks and transformer blocks whole, other layers alone), inputs
    from the model quantized so far, targets from the FP model. Weights first, activations in float:
        loss = mean over positions of ||out_q - out_fp||^2 (sum over channels) + lambda sum(1 - |2 h(alpha) - 1|^beta)
    h(alpha) = clamp(sigmoid(alpha) (zeta - gamma) + gamma, 0, 1), zeta = 1.1, gamma = -0.1, lambda = 0.01, alpha
-   initialised so that h(alpha) = frac(w / scale) (AdaRound eqs. 21-24). Schedule over n iterations, exactly: with
-   w = floor(0.2 n), iterations i < w have no regularizer; from i = w on, beta_i = 2 + 18 (1 - (i - w) / (n - w)).
-   Then alpha >= 0 rounds up, the codes are frozen and alpha is deleted. With activations quantized, the unit's
-   activation ranges are then set (running min/max clipped by the Lp search) and their steps learned, weights hard.
+   initialised so that h(alpha) = frac(w / scale) (AdaRound eqs. 21-24). Over n iterations, with w = floor(0.2 n):
+   no regularizer for i < w, then beta_i = 2 + 18 (1 - (i - w) / (n - w)). Then alpha >= 0 rounds up and the codes
+   freeze; with activations quantized, the unit's activation ranges are set (min/max clipped by the Lp search) and
+   their steps learned, weights hard.
 4. `save_quantized` / `load_quantized` (and so `ckpt.load_sd`, `sample.py --ckpt`): one safetensors file.
 
     python quant.py --wbits 4 --abits 8 --out out/toy_w4a8.safetensors      # the toy world on a CPU (fast preset)
@@ -53,6 +51,7 @@ ZETA, GAMMA = 1.1, -0.1                         # AdaRound's stretched sigmoid, 
 P_NORM = 2.4                                    # Q-Diffusion's Lp norm for choosing ranges
 RATIOS = [1 - 0.01 * i for i in range(80)]      # the clipping ratios searched, as Q-Diffusion does
 PACKING = "halves"                              # how pack() lays out 4-bit codes, recorded in every file
+BLOCK_BYTES = 6 * 2**20                         # on a CPU, convs dequantize blocks of output channels this size
 PRESETS = {  # qdiffusion: Q-Diffusion's SD recipe with BRECQ's optimizer; fast: the toy world in ~2 CPU minutes
     "qdiffusion": dict(n_prompts=128, num_inference_steps=50, calib_every=2, iters=20000, act_iters=5000,
                        batch_size=32, lr=1e-3, act_lr=1e-3),
@@ -73,8 +72,8 @@ STYLES = ["at sunset, photograph", "as a watercolor painting", "digital art, hig
 
 
 def pack(codes, n_bits):
-    """(out, k) codes -> uint8 (out, h = ceil(k/2)) for n_bits <= 4: byte j holds code j in its low nibble and code
-    j + h in its high one. Unpacking is then two contiguous copies, a third faster on a CPU than adjacent pairs."""
+    """(rows, k) codes -> uint8 (rows, h = ceil(k/2)) for n_bits <= 4: byte j holds code j in its low nibble and code
+    j + h in its high one, so unpacking is two contiguous copies (a third faster on a CPU than adjacent pairs)."""
     codes = codes.to(torch.uint8)
     if n_bits > 4:
         return codes.contiguous()
@@ -83,8 +82,28 @@ def pack(codes, n_bits):
 
 
 def unpack(w_int, n_bits, k):
-    """The inverse of pack: -> (out, k) uint8 codes."""
+    """The inverse of pack: -> (rows, k) uint8 codes."""
     return w_int if n_bits > 4 else torch.cat([w_int & 15, w_int >> 4], dim=1)[:, :k]
+
+
+def dequantize(w_int, zero_point, scale, in_scale, n_bits, shape, out=None):
+    """scale * (codes - zero_point) * in_scale, flat (rows, k), for a weight of `shape`; a factor given as None is
+    left out. Computed in place in `out` (a fresh tensor if None; unit stride along k) without autograd, for the
+    inference and backward paths. For n_bits <= 4, codes - zero_point is taken in int8 before the float conversion:
+    a byte operation instead of a pass over the float weight."""
+    k = math.prod(shape[1:])
+    out = torch.empty(len(w_int), k, dtype=zero_point.dtype, device=w_int.device) if out is None else out
+    if n_bits <= 4:
+        z, h = zero_point.to(torch.int8), w_int.shape[1]
+        out[:, :h].copy_((w_int & 15).view(torch.int8).sub_(z))
+        out[:, h:].copy_((w_int >> 4)[:, :k - h].view(torch.int8).sub_(z))
+    else:
+        out.copy_(w_int).sub_(zero_point)
+    if scale is not None:
+        out.mul_(scale)
+    if in_scale is not None:
+        out.unflatten(1, (shape[1], -1)).mul_(in_scale.reshape(1, shape[1], 1))
+    return out
 
 
 @torch.no_grad()
@@ -109,8 +128,8 @@ _scratch = {}
 
 
 def scratch(numel, device, dtype):
-    """One buffer per device for inference dequantization, reused by every layer: a fresh ~100 MB tensor per layer
-    and forward cost more in CPU page faults than the dequantization itself. Not for two forwards at once."""
+    """One buffer per device for inference dequantization, reused by every layer: a fresh tensor per layer and forward
+    costs more in CPU page faults than the dequantization itself. Not for two forwards at once."""
     buf = _scratch.get((device, dtype))
     if buf is None or buf.numel() < numel:
         buf = _scratch[(device, dtype)] = torch.empty(numel, device=device, dtype=dtype)
@@ -122,18 +141,20 @@ def scratch(numel, device, dtype):
 
 
 class WeightQuantizer(nn.Module):
-    """Integer weights w = scale * (w_int - zero_point), one scale and zero_point per output channel. `shape` is the
-    float weight's; w_int holds its codes, flattened per output channel and packed. During AdaRound `alpha` and
-    `w_floor` exist and weight() is the soft weight; harden() rounds, freezes the codes and deletes them."""
+    """Integer weights w = scale * (w_int - zero_point) * in_scale for a float weight of `shape`. scale and zero_point
+    per output channel, asymmetric: codes in [0, 2^b - 1], flattened per output channel and packed (uint8, two a byte
+    for b <= 4). in_scale, per input channel ((1, in) or (1, in, 1, 1): TuneQDM's multi-channel scales), exists only
+    after add_in_scales. During AdaRound `alpha` and `w_floor` exist and weight() is the soft weight; harden() rounds,
+    freezes the codes and deletes them."""
 
     def __init__(self, shape, n_bits, device=None):
         super().__init__()
-        self.shape, self.n_bits, self.k = tuple(shape), n_bits, math.prod(shape[1:])
+        self.shape, self.n_bits, self.k, self.qmax = tuple(shape), n_bits, math.prod(shape[1:]), 2**n_bits - 1
         packed = (self.k + 1) // 2 if n_bits <= 4 else self.k
         self.register_buffer("w_int", torch.zeros(shape[0], packed, dtype=torch.uint8, device=device))
         self.register_buffer("zero_point", torch.zeros(shape[0], 1, device=device))
         self.scale = nn.Parameter(torch.ones(shape[0], 1, device=device))
-        self.qmax = 2**n_bits - 1
+        self.register_parameter("in_scale", None)
 
     def codes(self):
         return unpack(self.w_int, self.n_bits, self.k)
@@ -142,21 +163,17 @@ class WeightQuantizer(nn.Module):
         return torch.clamp(torch.sigmoid(self.alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)     # AdaRound eq. 23
 
     def weight(self):
+        """The float weight, differentiable in scale, in_scale and (during AdaRound) alpha."""
         if hasattr(self, "alpha"):
             q = torch.clamp(self.w_floor + self.soft_rounding() + self.zero_point, 0, self.qmax)
         else:
             q = self.codes().to(self.scale.dtype)
-        return (self.scale * (q - self.zero_point)).view(self.shape)
+        w = (self.scale * (q - self.zero_point)).view(self.shape)
+        return w if self.in_scale is None else w * self.in_scale
 
-    def dequantize_into(self, out):
-        """weight() written into `out` (out, k), a view with unit stride along k; the same numbers, faster."""
-        if self.n_bits <= 4:
-            h = self.w_int.shape[1]
-            out[:, :h].copy_(self.w_int & 15)
-            out[:, h:].copy_((self.w_int >> 4)[:, :self.k - h])
-        else:
-            out.copy_(self.w_int)
-        return out.sub_(self.zero_point).mul_(self.scale.detach())
+    def set_codes(self, v):
+        """Codes round(v) + zero_point, clamped to [0, 2^b - 1], into w_int."""
+        self.w_int.copy_(pack(torch.clamp(torch.round(v) + self.zero_point, 0, self.qmax), self.n_bits))
 
     @torch.no_grad()
     def init_rtn(self, w):
@@ -164,7 +181,7 @@ class WeightQuantizer(nn.Module):
         scale, zero_point = search_range(w, self.n_bits)
         self.scale.copy_(scale)
         self.zero_point.copy_(zero_point)
-        self.w_int.copy_(pack(torch.clamp(torch.round(w / scale) + zero_point, 0, self.qmax), self.n_bits))
+        self.set_codes(w / scale)
 
     @torch.no_grad()
     def start_adaround(self, w):
@@ -175,8 +192,7 @@ class WeightQuantizer(nn.Module):
 
     @torch.no_grad()
     def harden(self):
-        q = torch.clamp(self.w_floor + (self.alpha >= 0).to(self.w_floor) + self.zero_point, 0, self.qmax)
-        self.w_int.copy_(pack(q, self.n_bits))
+        self.set_codes(self.w_floor + (self.alpha >= 0).to(self.w_floor))
         del self.alpha, self.w_floor
 
 
@@ -203,35 +219,45 @@ def act_quantizer(n_bits, device=None):
     return ActQuantizer(n_bits, device) if n_bits < 32 else nn.Identity()
 
 
+def op(x, w, bias, conv):
+    """A layer's float operation: linear (conv None) or conv2d with conv = (stride, padding)."""
+    return F.linear(x, w, bias) if conv is None else F.conv2d(x, w, bias, *conv)
+
+
 class QuantWeightFn(torch.autograd.Function):
-    """op(x, scale * (codes - zero_point)) + bias, differentiable in x, scale and bias, saving only x and the uint8
-    codes. Autograd through a dequantized weight would keep every layer's float weight (8x the 4-bit codes) alive
-    until backward; here backward recomputes it. dw/dscale = codes - zero_point, so grad_scale is grad_w * (codes -
-    zero_point) summed over the input dims. conv: None for a linear layer, else (stride, padding)."""
+    """op(x, w) + bias with w = scale * (codes - zero_point) * in_scale (in_scale may be None), differentiable in x,
+    scale, in_scale and bias, saving only x and the uint8 codes: autograd through a dequantized weight would keep every
+    layer's float weight (8x the 4-bit codes) alive until backward, so backward recomputes it. With c = codes -
+    zero_point: dL/dscale = sum over the other dims of dL/dw * c * in_scale, dL/din_scale of dL/dw * c * scale."""
 
     @staticmethod
-    def forward(ctx, x, w_int, scale, zero_point, bias, n_bits, shape, conv):
-        ctx.save_for_backward(x, w_int, scale, zero_point)
+    def forward(ctx, x, w_int, scale, zero_point, in_scale, bias, n_bits, shape, conv):
+        ctx.save_for_backward(x, w_int, scale, zero_point, in_scale)
         ctx.n_bits, ctx.shape, ctx.conv, ctx.bias_dtype = n_bits, shape, conv, None if bias is None else bias.dtype
-        w = (scale * (unpack(w_int, n_bits, math.prod(shape[1:])).to(scale) - zero_point)).view(shape).to(x.dtype)
-        return F.linear(x, w, bias) if conv is None else F.conv2d(x, w, bias, *conv)
+        return op(x, dequantize(w_int, zero_point, scale, in_scale, n_bits, shape).view(shape).to(x.dtype), bias, conv)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, w_int, scale, zero_point = ctx.saved_tensors
+        x, w_int, scale, zero_point, in_scale = ctx.saved_tensors
         shape, conv, needs = ctx.shape, ctx.conv, ctx.needs_input_grad
-        centered = unpack(w_int, ctx.n_bits, math.prod(shape[1:])).to(scale) - zero_point
-        w = (scale * centered).view(shape).to(grad_out.dtype)
-        grad_x = grad_scale = grad_bias = None
+        c = dequantize(w_int, zero_point, None, None, ctx.n_bits, shape).view(shape)       # codes - zero_point
+        grad_x = grad_scale = grad_in_scale = grad_bias = None
         if needs[0]:
+            w = c * scale.view(-1, *[1] * (len(shape) - 1))
+            w = (w if in_scale is None else w.mul_(in_scale)).to(grad_out.dtype)
             grad_x = grad_out @ w if conv is None else torch.nn.grad.conv2d_input(x.shape, w, grad_out, *conv)
-        if needs[2]:
+            del w
+        if needs[2] or needs[4]:
             grad_w = (grad_out.flatten(0, -2).T @ x.flatten(0, -2) if conv is None
-                      else torch.nn.grad.conv2d_weight(x, shape, grad_out, *conv))
-            grad_scale = (grad_w.flatten(1).to(scale) * centered).sum(1, keepdim=True)
-        if ctx.bias_dtype is not None and needs[4]:
+                      else torch.nn.grad.conv2d_weight(x, shape, grad_out, *conv)).to(scale)
+            g = grad_w.mul_(c).view(shape[0], shape[1], -1).sum(2)     # dL/dw * c over the kernel: (out, in)
+            if needs[2]:
+                grad_scale = (g if in_scale is None else g * in_scale.view(1, -1)).sum(1, keepdim=True)
+            if needs[4]:
+                grad_in_scale = (g * scale).sum(0).view(in_scale.shape)
+        if ctx.bias_dtype is not None and needs[5]:
             grad_bias = (grad_out.flatten(0, -2).sum(0) if conv is None else grad_out.sum((0, 2, 3))).to(ctx.bias_dtype)
-        return grad_x, None, grad_scale, None, grad_bias, None, None, None
+        return grad_x, None, grad_scale, None, grad_in_scale, grad_bias, None, None, None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -239,8 +265,9 @@ class QuantWeightFn(torch.autograd.Function):
 
 
 class QuantLayer(nn.Module):
-    """What QuantConv2d and QuantLinear share. A split layer (its input is [h, skip], `split` = channels of h) has a
-    weight and an activation quantizer for each part: weight_quantizer(_skip), act_quantizer(_skip)."""
+    """A Conv2d (conv = (stride, padding)) or Linear (conv None) with integer weights: QuantConv2d, QuantLinear. A
+    split layer (its input is [h, skip], `split` = channels of h) has a weight and an activation quantizer for each
+    part: weight_quantizer(_skip), act_quantizer(_skip)."""
 
     def __init__(self, weight_shape, bias, wbits, abits, split=None, conv=None, device=None):
         super().__init__()
@@ -256,9 +283,13 @@ class QuantLayer(nn.Module):
             self.act_quantizer_skip = act_quantizer(abits, device)
         self.bias = nn.Parameter(torch.zeros(out, device=device)) if bias else None
 
-    @classmethod
-    def from_float(cls, layer, wbits, abits, split=None):
-        return cls.like(layer, wbits, abits, split).init_from(layer)
+    @staticmethod
+    def from_float(layer, wbits, abits, split=None, init=True):
+        """The QuantConv2d or QuantLinear for an nn.Conv2d or nn.Linear, with RTN codes of its weight if `init`."""
+        conv = (tuple(layer.stride), tuple(layer.padding)) if isinstance(layer, nn.Conv2d) else None
+        new = (QuantLinear if conv is None else QuantConv2d)(layer.weight.shape, layer.bias is not None, wbits, abits,
+                                                             split, conv, layer.weight.device)
+        return new.init_from(layer) if init else new
 
     @torch.no_grad()
     def init_from(self, layer):
@@ -272,9 +303,6 @@ class QuantLayer(nn.Module):
     def weight_quantizers(self):
         return [self.weight_quantizer, self.weight_quantizer_skip] if self.split else [self.weight_quantizer]
 
-    def op(self, x, w, bias):
-        return F.linear(x, w, bias) if self.conv is None else F.conv2d(x, w, bias, *self.conv)
-
     def quantize_input(self, x):
         if not self.split:
             return self.act_quantizer(x)
@@ -283,51 +311,44 @@ class QuantLayer(nn.Module):
         h, skip = x.split(self.parts, dim=self.dim)
         return torch.cat([self.act_quantizer(h), self.act_quantizer_skip(skip)], dim=self.dim)
 
-    def fast_weight(self):
-        """The dequantized weight in the shared scratch buffer, valid until the next layer's forward."""
-        qs = self.weight_quantizers()
-        buf = scratch(math.prod(self.weight_shape), qs[0].scale.device, qs[0].scale.dtype)
-        flat, col = buf.view(self.weight_shape[0], -1), 0
+    @torch.no_grad()
+    def fast_weight(self, start=0, stop=None):
+        """Output channels start:stop of the dequantized weight, in the shared scratch buffer: valid until the next
+        call, one forward at a time."""
+        stop = min(stop or self.weight_shape[0], self.weight_shape[0])
+        qs, shape = self.weight_quantizers(), (stop - start, *self.weight_shape[1:])
+        flat, col = scratch(math.prod(shape), qs[0].scale.device, qs[0].scale.dtype).view(shape[0], -1), 0
         for q in qs:
-            q.dequantize_into(flat[:, col:col + q.k])
+            dequantize(q.w_int[start:stop], q.zero_point[start:stop], q.scale[start:stop], q.in_scale, q.n_bits,
+                       (shape[0], *q.shape[1:]), flat[:, col:col + q.k])
             col += q.k
-        return buf.view(self.weight_shape)
+        return flat.view(shape)
 
     def forward(self, x):
         x, qs = self.quantize_input(x), self.weight_quantizers()
         if hasattr(qs[0], "alpha"):                                  # AdaRound: autograd reaches alpha via weight()
-            return self.op(x, torch.cat([q.weight() for q in qs], dim=1).to(x.dtype), self.bias)
-        tensors = [x, self.bias, *(q.scale for q in qs)]
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-            outs = [QuantWeightFn.apply(xp, q.w_int, q.scale, q.zero_point, self.bias if i == 0 else None, q.n_bits,
-                                        q.shape, self.conv)     # training: the lean Function, once per input part
+            return op(x, torch.cat([q.weight() for q in qs], dim=1).to(x.dtype), self.bias, self.conv)
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            outs = [QuantWeightFn.apply(xp, q.w_int, q.scale, q.zero_point, q.in_scale, self.bias if i == 0 else None,
+                                        q.n_bits, q.shape, self.conv)   # training: the lean Function, once per part
                     for i, (xp, q) in enumerate(zip(x.split(self.parts, dim=self.dim), qs))]
             return sum(outs[1:], outs[0])
-        return self.op(x, self.fast_weight().to(x.dtype), self.bias)  # inference: no float weight is kept
+        # inference: no float weight is kept. On a CPU a conv takes its weight in blocks of output channels that stay
+        # in cache between dequantization and conv; a whole weight would go out to memory and back (bench_quant.py)
+        n, step = self.weight_shape[0], self.weight_shape[0]
+        if self.conv is not None and x.device.type == "cpu":
+            step = max(64, BLOCK_BYTES // (qs[0].scale.element_size() * math.prod(self.weight_shape[1:])) // 64 * 64)
+        outs = [op(x, self.fast_weight(a, a + step).to(x.dtype), None if self.bias is None else self.bias[a:a + step],
+                   self.conv) for a in range(0, n, step)]
+        return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
 
 
 class QuantConv2d(QuantLayer):
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True, wbits=8, abits=32,
-                 split=None, device=None):
-        pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)
-        super().__init__((out_channels, in_channels, *pair(kernel_size)), bias, wbits, abits, split,
-                         (pair(stride), pair(padding)), device)
-
-    @classmethod
-    def like(cls, conv, wbits, abits, split=None):
-        return cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                   conv.bias is not None, wbits, abits, split, conv.weight.device)
+    """nn.Conv2d with integer weights (made by QuantLayer.from_float)."""
 
 
 class QuantLinear(QuantLayer):
-    def __init__(self, in_features, out_features, bias=True, wbits=8, abits=32, split=None, device=None):
-        super().__init__((out_features, in_features), bias, wbits, abits, split, None, device)
-        self.in_features, self.out_features = in_features, out_features
-
-    @classmethod
-    def like(cls, linear, wbits, abits, split=None):
-        return cls(linear.in_features, linear.out_features, linear.bias is not None, wbits, abits, split,
-                   linear.weight.device)
+    """nn.Linear with integer weights (made by QuantLayer.from_float)."""
 
 
 class QuantCrossAttention(unet_lib.CrossAttention):
@@ -369,8 +390,7 @@ def swap_in(unet, wbits, abits, softmax_bits, splits=None, init=True):
     splits = unet_lib.concat_splits(unet.config) if splits is None else splits
     named = [(n, m) for n, m in unet.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
     for name, m in tqdm(named, desc="quantize layers", disable=len(named) < 200 or not init):
-        q = (QuantConv2d if isinstance(m, nn.Conv2d) else QuantLinear).like(m, wbits, abits, splits.get(name))
-        put(name, q.init_from(m) if init else q)
+        put(name, QuantLayer.from_float(m, wbits, abits, splits.get(name), init))
     return unet
 
 
@@ -384,11 +404,23 @@ def quantize_(unet, wbits, abits=32, softmax_bits=16, splits=None):
     return unet
 
 
-def quant_skeleton(cfg, wbits, abits=32, softmax_bits=16, device="cpu"):
-    """An empty quantized UNet, every tensor in its final shape, to load a quantized state dict into: built on the
-    meta device (no FP weights ever exist), then given uninitialised storage on `device` (unless that is "meta")."""
+def add_in_scales(module):
+    """Give each weight quantizer in `module` per-input-channel scales, ones (TuneQDM's multi-channel scale update)."""
+    for q in module.modules():
+        if isinstance(q, WeightQuantizer) and q.in_scale is None:
+            ones = torch.ones(1, q.shape[1], *[1] * (len(q.shape) - 2)).to(q.scale)
+            q.in_scale = nn.Parameter(ones, requires_grad=q.scale.requires_grad)
+    return module
+
+
+def quant_skeleton(cfg, wbits, abits=32, softmax_bits=16, device="cpu", in_scales=False):
+    """An empty quantized UNet, every tensor in its final shape (in_scale too if `in_scales`), to load a quantized
+    state dict into: built on the meta device (no FP weights ever exist), then given uninitialised storage on
+    `device` (unless that is "meta")."""
     with torch.device("meta"):
         unet = swap_in(unet_lib.UNet(cfg), wbits, abits, softmax_bits, init=False)
+        if in_scales:
+            add_in_scales(unet)
     return unet if str(device) == "meta" else unet.to_empty(device=device)
 
 
@@ -466,6 +498,16 @@ def run_batches(module, tensors, batch_size, index=None):
             pass
 
 
+def hooked(modules, hook, run, pre=False):
+    """run() with `hook` on each module (a forward pre-hook if `pre`), removing the hooks afterwards."""
+    handles = [m.register_forward_pre_hook(hook) if pre else m.register_forward_hook(hook) for m in modules]
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @torch.no_grad()
 def init_activation_quantizers(module, inputs, batch_size=32, max_samples=1024, per_batch=4096, seed=0):
     """Set and enable the range of each activation quantizer in `module` from at most max_samples rows of its inputs
@@ -481,22 +523,18 @@ def init_activation_quantizers(module, inputs, batch_size=32, max_samples=1024, 
         st[2].append(x[torch.randint(x.numel(), (per_batch,), generator=g).to(x.device)].cpu())
 
     inputs = [inputs["x"], inputs["t"], inputs["ctx"]] if isinstance(inputs, dict) else inputs
-    handles = [m.register_forward_pre_hook(observe) for m in quantizers]
     for m in quantizers:
         m.enabled = False
-    try:
-        run_batches(module, inputs, batch_size, torch.randperm(len(inputs[0]), generator=g)[:max_samples])
-    finally:
-        for h in handles:
-            h.remove()
+    index = torch.randperm(len(inputs[0]), generator=g)[:max_samples]
+    hooked(quantizers, observe, lambda: run_batches(module, inputs, batch_size, index), pre=True)
     for m in quantizers:
         lo, hi, seen = stats[m]
-        if not seen:                                             # never reached by these inputs: stays disabled
-            continue
-        scale, zero_point = search_range(torch.cat(seen)[None], m.n_bits, torch.tensor([[lo]]), torch.tensor([[hi]]))
-        m.scale.data.copy_(scale.view(()))
-        m.zero_point.copy_(zero_point.view(()))
-        m.enabled = True
+        if seen:                                                 # else never reached by these inputs: stays disabled
+            scale, zero_point = search_range(torch.cat(seen)[None], m.n_bits, torch.tensor([[lo]]),
+                                             torch.tensor([[hi]]))
+            m.scale.data.copy_(scale.view(()))
+            m.zero_point.copy_(zero_point.view(()))
+            m.enabled = True
 
 
 def recon_units(qunet):
@@ -514,23 +552,14 @@ def recon_units(qunet):
 def capture(model, names, data, batch_size, inputs=False):
     """Run `model` over calibration data [x, t, ctx]; record the output of each submodule in `names` (forward order),
     or with inputs=True its positional inputs, stopping each forward after the last. {name: [tensor, ...]} on CPU."""
-    got = {n: [] for n in names}
+    got, modules = {n: [] for n in names}, [model.get_submodule(n) for n in names]
 
-    def hook(name):
-        def record(module, args, out=None):
-            got[name].append([a.detach().cpu() for a in (args if inputs else (out,))])
-            if name == names[-1]:
-                raise _Stop
-        return record
+    def record(module, args, out=None):
+        got[names[modules.index(module)]].append([a.detach().cpu() for a in (args if inputs else (out,))])
+        if module is modules[-1]:
+            raise _Stop
 
-    modules = [model.get_submodule(n) for n in names]
-    handles = [m.register_forward_pre_hook(hook(n)) if inputs else m.register_forward_hook(hook(n))
-               for n, m in zip(names, modules)]
-    try:
-        run_batches(model, data, batch_size)
-    finally:
-        for h in handles:
-            h.remove()
+    hooked(modules, record, lambda: run_batches(model, data, batch_size), pre=inputs)
     return {n: [torch.cat(parts) for parts in zip(*chunks)] for n, chunks in got.items()}
 
 
@@ -595,13 +624,13 @@ def reconstruct(qunet, fp_unet, calib, iters=20000, act_iters=5000, batch_size=3
             y = (cached.get(name) or capture(fp_unet, [name], data, batch_size)[name])[0]
             log = []
             if iters:
-                qs, ws = [], []
+                qs = []
                 for n, layer in unit.named_modules():
                     if isinstance(layer, QuantLayer):
                         qs += layer.weight_quantizers()
-                        ws += fp_unet.get_submodule(f"{name}.{n}" if n else name).weight.split(layer.parts, dim=1)
-                for q, w in zip(qs, ws):
-                    q.start_adaround(w)
+                        fp = fp_unet.get_submodule(f"{name}.{n}" if n else name).weight.split(layer.parts, dim=1)
+                        for q, w in zip(layer.weight_quantizers(), fp):
+                            q.start_adaround(w)
                 reg = lambda i: rounding_loss(qs, i, iters, weight, b_range, warmup)
                 log.append(fit(unit, x, y, [q.alpha for q in qs], iters, batch_size, lr, reg, seed=seed + j))
                 for q in qs:
@@ -643,8 +672,9 @@ def quantize_model(sd, wbits, abits=32, method="adaround", calib=None, softmax_b
 
 
 def save_quantized(sd_q, path, meta=None):
-    """One safetensors file: the quantized UNet's state dict, the VAE and text encoder as ckpt.save_compvis writes
-    them, the model config ("qdp.config") and the quantization settings with `meta` ("qdp.quant")."""
+    """One safetensors file: the quantized UNet's state dict (with in_scale only where present), the VAE and text
+    encoder as ckpt.save_compvis writes them, the model config ("qdp.config") and the quantization settings with
+    `meta` ("qdp.quant")."""
     wbits, abits, softmax_bits = bits_of(sd_q.unet)
     parts = {"unet": sd_q.unet.state_dict(), "vae": sd_q.vae.state_dict(),
              "text_encoder": ckpt.canonical_text_keys(sd_q.text_encoder.state_dict())}
@@ -670,7 +700,7 @@ def check_quantized(want, got, bits, path):
             raise ckpt.CheckpointError(f"{path}: {k} holds codes above {2**n - 1}, out of range for {n} bits")
         if k.endswith(".zero_point") and not (bool((v == v.round()).all()) and 0 <= v.min() and v.max() <= 2**n - 1):
             raise ckpt.CheckpointError(f"{path}: {k} must hold integers in [0, {2**n - 1}] for {n} bits")
-        if k.endswith(".scale") and not bool((torch.isfinite(v) & (v > 0)).all()):
+        if k.endswith("scale") and not bool((torch.isfinite(v) & ((v > 0) | k.endswith(".in_scale"))).all()):
             raise ckpt.CheckpointError(f"{path}: {k} holds scales that are not finite and positive")
 
 
@@ -689,7 +719,8 @@ def build_quantized(tensors, meta, path, device="cpu", dtype=torch.float32):
     parts = ckpt.split_compvis(tensors)
     if not parts["vae"] or not parts["text_encoder"]:
         raise ckpt.CheckpointError(f"{path} lacks the VAE or the text encoder; write it again with quant.py")
-    qunet = quant_skeleton(ucfg, *bits, device="meta")
+    in_scales = any(k.endswith(".in_scale") for k in parts["unet"])
+    qunet = quant_skeleton(ucfg, *bits, device="meta", in_scales=in_scales)
     check_quantized(qunet.state_dict(), parts["unet"], bits, path)
     cast = lambda sd: {k: v.to(device, dtype if v.is_floating_point() else v.dtype) for k, v in sd.items()}
     qunet.load_state_dict(cast(parts["unet"]), strict=True, assign=True)

@@ -3,7 +3,8 @@
 - DreamBooth (Ruiz et al., arXiv 2208.12242): a few photos of one subject, an instance prompt with a rare identifier
   ("a photo of sks dog"), and the class-prior preservation loss on images the model itself draws for the class prompt.
 - PEQA (Kim et al., arXiv 2305.14152): the integer weights stay frozen; only the per-output-channel `scale` of every
-  quantized layer trains (quant.py's WeightQuantizer), about 0.33M numbers for SD v1.
+  quantized layer trains (quant.py's WeightQuantizer), about 0.33M numbers for SD v1. `--multi_channel` (TuneQDM's
+  ECCV version) also trains a scale per input channel of every layer, `in_scale`.
 - Ryu et al., arXiv 2401.04339 (TuneQDM at ECCV): S1 (selective) draws t only from a "content" interval; S2
   (specialized) keeps K scale sets, experts, each owning an interval of the raw timestep t in 0..999, so a training
   sample updates the expert of its t and sampling switches experts as t falls.
@@ -152,7 +153,7 @@ class ExpertUNet(nn.Module):
 
     def __init__(self, unet, experts, bounds):
         super().__init__()
-        self.unet, self.experts, self.bounds = unet, experts, bounds   # experts: K x {quantizer name: scale}
+        self.unet, self.experts, self.bounds = unet, experts, bounds   # experts: K x {scale name: Parameter}
         self.quantizers = {n: m for n, m in unet.named_modules() if isinstance(m, quant.WeightQuantizer)}
 
     @property
@@ -161,7 +162,8 @@ class ExpertUNet(nn.Module):
 
     def use(self, k):
         for name, scale in self.experts[k].items():
-            self.quantizers[name].scale = scale       # assigning a Parameter re-registers it in place of the last
+            quantizer, attr = name.rsplit(".", 1)     # attr: scale or in_scale
+            setattr(self.quantizers[quantizer], attr, scale)   # a Parameter re-registers in place of the last
 
     def forward(self, x, t, ctx):
         t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
@@ -180,17 +182,21 @@ class ExpertUNet(nn.Module):
 
 
 def scale_params(unet):
-    """{name: the `scale` Parameter of every WeightQuantizer}: all that PEQA trains."""
-    return {f"{n}.scale": m.scale for n, m in unet.named_modules() if isinstance(m, quant.WeightQuantizer)}
+    """{name: Parameter} of every WeightQuantizer's `scale` and, where it has one, `in_scale`: all that PEQA trains."""
+    return {f"{n}.{a}": p for n, m in unet.named_modules() if isinstance(m, quant.WeightQuantizer)
+            for a, p in (("scale", m.scale), ("in_scale", m.in_scale)) if p is not None}
 
 
-def trainable(sd, method, n_experts, bounds):
-    """Freeze the UNet, then open what `method` trains. Returns the model to call and {name: Parameter}."""
+def trainable(sd, method, n_experts, bounds, multi_channel=False):
+    """Freeze the UNet, then open what `method` trains (with `multi_channel`, the per-input-channel scales too,
+    created as ones). Returns the model to call and {name: Parameter}."""
     unet = sd.unet
     unet.requires_grad_(False)
     if method == "full":
         unet.requires_grad_(True)
         return unet, dict(unet.named_parameters())
+    if multi_channel:
+        quant.add_in_scales(unet)
     scales = scale_params(unet)
     if not scales:
         raise TrainingError("--ckpt holds a full-precision UNet; quantize it first (python quant.py --ckpt ... "
@@ -199,9 +205,8 @@ def trainable(sd, method, n_experts, bounds):
         for p in scales.values():
             p.requires_grad_(True)
         return unet, scales
-    experts = [{n[:-len(".scale")]: nn.Parameter(p.detach().clone()) for n, p in scales.items()}
-               for _ in range(n_experts)]
-    params = {f"expert.{k}.{n}.scale": p for k, e in enumerate(experts) for n, p in e.items()}
+    experts = [{n: nn.Parameter(p.detach().clone()) for n, p in scales.items()} for _ in range(n_experts)]
+    params = {f"expert.{k}.{n}": p for k, e in enumerate(experts) for n, p in e.items()}
     return ExpertUNet(unet, experts, bounds), params
 
 
@@ -321,6 +326,8 @@ def load_personalized(sd, path, base_path=None):
     if config["method"] == "full":
         unet.load_state_dict(tensors)                # copies into the model's own device and dtype
         return sd
+    if config.get("multi_channel"):
+        quant.add_in_scales(unet)
     if config["n_experts"] == 1:
         own = scale_params(unet)
         with torch.no_grad():
@@ -329,8 +336,8 @@ def load_personalized(sd, path, base_path=None):
         return sd
     own, experts = scale_params(unet), [{} for _ in range(config["n_experts"])]
     for n, v in tensors.items():
-        k, name = n.split(".", 2)[1:]                # expert.{k}.{quantizer name}.scale
-        experts[int(k)][name[:-len(".scale")]] = nn.Parameter(v.to(own[name]), requires_grad=False)
+        k, name = n.split(".", 2)[1:]                # expert.{k}.{quantizer name}.{scale or in_scale}
+        experts[int(k)][name] = nn.Parameter(v.to(own[name]), requires_grad=False)
     sd.unet = ExpertUNet(unet, experts, config["bounds"])
     return sd
 
@@ -378,9 +385,9 @@ def resolve_defaults(args, sd):
 
 
 def run_config(args):
-    keys = ("method", "n_experts", "bounds", "t_range", "instance_prompt", "class_prompt", "with_prior_preservation",
-            "prior_loss_weight", "num_class_images", "resolution", "train_batch_size", "learning_rate",
-            "max_train_steps", "seed", "adam_weight_decay", "max_grad_norm", "ckpt", "base_sha256")
+    keys = ("method", "multi_channel", "n_experts", "bounds", "t_range", "instance_prompt", "class_prompt",
+            "with_prior_preservation", "prior_loss_weight", "num_class_images", "resolution", "train_batch_size",
+            "learning_rate", "max_train_steps", "seed", "adam_weight_decay", "max_grad_norm", "ckpt", "base_sha256")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -409,7 +416,7 @@ def train(args):
     resolve_defaults(args, sd)
     torch.manual_seed(args.seed)
     data = prepare(sd, args)
-    model, params = trainable(sd, args.method, args.n_experts, args.bounds)
+    model, params = trainable(sd, args.method, args.n_experts, args.bounds, args.multi_channel)
     sd.unet.gradient_checkpointing = args.gradient_checkpointing
     print(f"{args.method}: {sum(p.numel() for p in params.values()):,} trainable numbers in {len(params)} tensors"
           + (f", {args.n_experts} experts over t bounds {args.bounds}" if args.n_experts > 1 else "")
@@ -453,6 +460,8 @@ def parse_args(argv=None):
                    "full (default: the toy model, quantized W4A8 once into runs/ for PEQA)")
     p.add_argument("--method", choices=["peqa", "full"], default="peqa", help="peqa: only the scales train; full: "
                    "every UNet weight of an FP model (the DreamBooth reference)")
+    p.add_argument("--multi_channel", action="store_true", help="also train a scale per input channel of every "
+                   "quantized layer (TuneQDM's multi-channel scale update)")
     p.add_argument("--t_range", default=None, help="S1: train only at t in LO,HI (e.g. 354,933); 'content' for the "
                    "SNR band [1e-2, 1] (see content_interval); default all of 0,999")
     p.add_argument("--n_experts", type=int, default=1, help="S2: scale sets, each owning a timestep interval")
@@ -501,6 +510,8 @@ def parse_args(argv=None):
                 "python quant.py --out q.safetensors")
     if args.method == "full" and args.n_experts != 1:
         p.error("--n_experts needs --method peqa: experts are scale sets over one integer UNet")
+    if args.method == "full" and args.multi_channel:
+        p.error("--multi_channel needs --method peqa: it adds scales to a quantized UNet")
     if args.t_range in (None, "all"):
         args.t_range = [0, sample.NUM_TRAIN_TIMESTEPS - 1]
     elif args.t_range == "content":

@@ -9,6 +9,7 @@ S2's worst case (two groups, each with its own forward and backward).
 
     python bench/bench_train.py                       # W4 S2 (4 experts), W4 PEQA, FP32 full; a few minutes
     python bench/bench_train.py --cases s2_w4 full --device cuda
+    python bench/bench_train.py --counts               # trainable numbers of every case, no step (seconds)
 """
 import argparse
 import json
@@ -25,12 +26,14 @@ import quant  # noqa: E402
 import train  # noqa: E402
 import unet as unet_lib  # noqa: E402
 
-CASES = {  # name: (method, wbits, abits, experts)
-    "s2_w4": ("peqa", 4, 32, 4),
-    "peqa_w4": ("peqa", 4, 32, 1),
-    "s2_w4a8": ("peqa", 4, 8, 4),
-    "s2_w8": ("peqa", 8, 32, 4),
-    "full": ("full", 32, 32, 1),
+CASES = {  # name: (method, wbits, abits, experts, multi_channel)
+    "s2_w4": ("peqa", 4, 32, 4, False),
+    "peqa_w4": ("peqa", 4, 32, 1, False),
+    "peqa_mc_w4": ("peqa", 4, 32, 1, True),
+    "s2_mc_w4": ("peqa", 4, 32, 4, True),
+    "s2_w4a8": ("peqa", 4, 8, 4, False),
+    "s2_w8": ("peqa", 8, 32, 4, False),
+    "full": ("full", 32, 32, 1, False),
 }
 
 
@@ -64,14 +67,27 @@ def build(method, wbits, abits, device):
     return unet
 
 
+def counts():
+    """Trainable numbers of every case, from UNets on the meta device (no memory, no step)."""
+    print("| case | trainable numbers | per expert |\n|---|---|---|")
+    for case, (method, wbits, abits, experts, multi) in CASES.items():
+        with torch.device("meta"):
+            unet = unet_lib.UNet(unet_lib.sd_v1()) if method == "full" else quant.quant_skeleton(
+                unet_lib.sd_v1(), wbits, abits, device="meta")
+        _, params = train.trainable(ckpt.StableDiffusion(unet, None, None, None), method, experts,
+                                    train.expert_bounds(experts), multi)
+        n = sum(p.numel() for p in params.values())
+        print(f"| {case} | {n:,} | {n // experts:,} |")
+
+
 def child(case, device):
-    method, wbits, abits, experts = CASES[case]
+    method, wbits, abits, experts, multi = CASES[case]
     if device == "cpu":
         train.lean_malloc()                      # as train.py does on a CPU
     unet = build(method, wbits, abits, device)
     built = torch.cuda.memory_allocated() / 2**20 if device == "cuda" else status_mb("VmRSS")
     sd = ckpt.StableDiffusion(unet, None, None, None)
-    model, params = train.trainable(sd, method, experts, train.expert_bounds(experts))
+    model, params = train.trainable(sd, method, experts, train.expert_bounds(experts), multi)
     unet.gradient_checkpointing = True
     optimizer = torch.optim.AdamW(params.values(), lr=1e-6)
     g = torch.Generator().manual_seed(0)
@@ -98,10 +114,13 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", nargs="+", choices=list(CASES), default=["s2_w4", "peqa_w4", "full"])
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--counts", action="store_true", help="only print the trainable numbers of every case")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         return child(args.child, args.device)
+    if args.counts:
+        return counts()
     torch_mb = subprocess.run([sys.executable, "-c", "import torch, transformers; print(open('/proc/self/status')"
                                ".read().split('VmHWM:')[1].split()[0])"], capture_output=True, text=True).stdout
     rows = []

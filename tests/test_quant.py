@@ -153,22 +153,30 @@ def test_quantize_swaps_every_layer_and_matches_the_skeleton(w4a8):
 
 
 def test_inference_path_equals_the_dequantized_weight():
-    """The fast path (scratch buffer, bit ops) writes exactly scale * (codes - zero_point), odd lengths included."""
+    """The fast path (scratch buffer, bit ops) writes exactly scale * (codes - zero_point), odd lengths included, and
+    times in_scale once a layer has per-input-channel scales (each part of a split layer its own)."""
     for layer in (quant.QuantLinear.from_float(nn.Linear(7, 5), 4, 32),
                   quant.QuantConv2d.from_float(nn.Conv2d(6, 4, 3), 4, 32, split=2),
                   quant.QuantConv2d.from_float(nn.Conv2d(6, 4, 1), 8, 32)):
-        want = torch.cat([q.weight() for q in layer.weight_quantizers()], dim=1)
-        assert torch.equal(layer.fast_weight(), want)
+        for multi in (False, True):
+            if multi:
+                quant.add_in_scales(layer)
+                for q in layer.weight_quantizers():
+                    assert q.in_scale.shape == (1, q.shape[1]) + (1,) * (len(q.shape) - 2)
+                    q.in_scale.data.uniform_(0.5, 1.5)
+            want = torch.cat([q.weight() for q in layer.weight_quantizers()], dim=1)
+            assert torch.equal(layer.fast_weight(), want)
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # the autograd Function
 
 
+@pytest.mark.parametrize("multi", [False, True], ids=["scale", "in_scale"])
 @pytest.mark.parametrize("kind", ["conv", "conv_stride2", "linear"])
-def test_function_gradients_match_autograd(kind):
-    """QuantWeightFn's grads for x, scale and bias pass gradcheck in float64 and equal autograd's through the plain
-    dequantize-then-conv path; it saves the codes, never a float weight."""
+def test_function_gradients_match_autograd(kind, multi):
+    """QuantWeightFn's grads for x, scale, bias and (multi-channel) in_scale pass gradcheck in float64 and equal
+    autograd's through the plain dequantize-then-conv path; it saves the codes, never a float weight."""
     shape, conv, x = {"conv": ((3, 2, 3, 3), ((1, 1), (1, 1)), (2, 2, 5, 5)),
                       "conv_stride2": ((3, 2, 3, 3), ((2, 2), (0, 0)), (2, 2, 6, 6)),
                       "linear": ((4, 5), None, (2, 3, 5))}[kind]
@@ -178,15 +186,19 @@ def test_function_gradients_match_autograd(kind):
     x = torch.randn(x, generator=g, dtype=torch.float64, requires_grad=True)
     scale = (torch.rand(shape[0], 1, generator=g, dtype=torch.float64) + 0.1).requires_grad_()
     bias = torch.randn(shape[0], generator=g, dtype=torch.float64, requires_grad=True)
-    fn = lambda x, scale, bias: quant.QuantWeightFn.apply(x, w_int, scale, zp, bias, 4, shape, conv)
-    assert torch.autograd.gradcheck(fn, (x, scale, bias))
-    out = fn(x, scale, bias)
-    assert not [t for t in out.grad_fn.saved_tensors if t.is_floating_point() and t.numel() == codes.numel()]
-    w = (scale * (codes.double() - zp)).view(shape)
+    in_shape = (1, shape[1]) + (1,) * (len(shape) - 2)
+    in_scale = (torch.rand(in_shape, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
+    args = (x, scale, bias, in_scale) if multi else (x, scale, bias)
+    fn = lambda x, scale, bias, in_scale=None: quant.QuantWeightFn.apply(x, w_int, scale, zp, in_scale, bias, 4,
+                                                                          shape, conv)
+    assert torch.autograd.gradcheck(fn, args)
+    out = fn(*args)
+    assert not [t for t in out.grad_fn.saved_tensors
+                if t is not None and t.is_floating_point() and t.numel() == codes.numel()]
+    w = (scale * (codes.double() - zp)).view(shape) * (in_scale if multi else 1)
     ref = F.linear(x, w, bias) if conv is None else F.conv2d(x, w, bias, *conv)
     gout = torch.randn_like(out)
-    torch.testing.assert_close(torch.autograd.grad(out, (x, scale, bias), gout),
-                               torch.autograd.grad(ref, (x, scale, bias), gout))
+    torch.testing.assert_close(torch.autograd.grad(out, args, gout), torch.autograd.grad(ref, args, gout))
 
 
 def test_layer_trains_only_scale_through_the_function():
@@ -243,6 +255,25 @@ def test_save_load_is_bit_identical(w4a8, calib, tmp_path):
         assert torch.equal(loaded.unet(x, t, ctx), want) and torch.equal(skeleton(x, t, ctx), want)
     for k, v in w4a8.unet.state_dict().items():
         assert torch.equal(loaded.unet.state_dict()[k], v), k
+
+
+def test_in_scales_save_and_load(w4a8, calib, tmp_path):
+    """Per-input-channel scales are written only when a model has them, and a file with them loads (the skeleton grows
+    them from the file's keys) to the same tensors and outputs."""
+    assert not [k for k in w4a8.unet.state_dict() if "in_scale" in k]
+    unet = quant.add_in_scales(copy.deepcopy(w4a8.unet))
+    for m in unet.modules():
+        if isinstance(m, quant.WeightQuantizer):
+            m.in_scale.data.uniform_(0.5, 1.5)
+    path = tmp_path / "q.safetensors"
+    quant.save_quantized(ckpt.StableDiffusion(unet, w4a8.vae, w4a8.text_encoder, w4a8.tokenizer), path)
+    loaded = ckpt.load_sd(path).unet
+    want, got = unet.state_dict(), loaded.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    x, t, ctx = calib["x"][:2], calib["t"][:2], calib["ctx"][:2]
+    with torch.no_grad():
+        out = unet(x, t, ctx)
+        assert torch.equal(loaded(x, t, ctx), out) and not torch.equal(w4a8.unet(x, t, ctx), out)
 
 
 def test_load_errors_are_one_line(w4a8, tmp_path):

@@ -159,6 +159,22 @@ def test_peqa_trains_only_the_scales(files, tmp_path):
     assert changed == expected and len(losses) == 3
 
 
+def test_multi_channel_trains_scales_and_in_scales(files, tmp_path):
+    """--multi_channel adds a trained in_scale to every weight quantizer (one per input channel, each part of a split
+    layer its own); applied to the base, the scales change, the in_scales appear, and nothing else moves."""
+    out, _ = run(files, tmp_path / "mc", "--multi_channel")
+    base = quant_state(files / "q.safetensors")
+    sd = train.load_personalized(ckpt.load_sd(files / "q.safetensors"), out, files / "q.safetensors")
+    after = sd.unet.state_dict()
+    scales = sorted(n for n in base if ".weight_quantizer" in n and n.endswith(".scale"))
+    assert sorted(set(after) - set(base)) == sorted(n[:-len("scale")] + "in_scale" for n in scales)
+    assert sorted(k for k in base if not torch.equal(base[k], after[k])) == scales
+    for n in scales:
+        in_scale, w_int = after[n[:-len("scale")] + "in_scale"], after[n[:-len("scale")] + "w_int"]
+        assert in_scale.shape[:2] == (1, sd.unet.get_submodule(n[:-len(".scale")]).shape[1])
+        assert not torch.equal(in_scale, torch.ones_like(in_scale)) and w_int.dtype == torch.uint8
+
+
 def test_full_trains_every_weight(files, tmp_path):
     """--method full on the FP checkpoint moves every UNet weight and writes only UNet tensors."""
     argv = ["--method", "full", "--ckpt", str(files / "fp.safetensors"), "--instance_data_dir", str(files / "photos"),
@@ -185,11 +201,13 @@ def test_experts_are_independent(files, tmp_path):
         assert all(same) if k != 1 else not any(same), k
 
 
-def test_routing_in_a_batch_matches_one_by_one(files):
+@pytest.mark.parametrize("multi", [False, True], ids=["scale", "in_scale"])
+def test_routing_in_a_batch_matches_one_by_one(files, multi):
     """A batch whose samples belong to different experts gives the outputs and the scale gradients of running
-    each sample alone with its own expert."""
+    each sample alone with its own expert (with --multi_channel, the in_scale gradients too)."""
     sd = ckpt.load_sd(files / "q.safetensors")
-    model, params = train.trainable(sd, "peqa", 4, train.expert_bounds(4))
+    model, params = train.trainable(sd, "peqa", 4, train.expert_bounds(4), multi)
+    assert any(n.endswith(".in_scale") for n in params) == multi
     with torch.no_grad():                       # make the experts differ
         for n, p in params.items():
             p.mul_(1 + 0.1 * int(n.split(".")[1]))
@@ -275,6 +293,7 @@ def test_class_images_resume_identically(files, tmp_path):
     (["--expert_boundaries", "500,100"], "must increase"),
     (["--expert_boundaries", "500", "--n_experts", "4"], "make 2 experts"),
     (["--method", "full", "--n_experts", "2"], "needs --method peqa"),
+    (["--method", "full", "--multi_channel"], "needs --method peqa"),
     (["--max_train_steps", "0"], "at least 1"),
 ])
 def test_cli_rejects_bad_flags(flags, message, tmp_path, capsys):
@@ -285,9 +304,16 @@ def test_cli_rejects_bad_flags(flags, message, tmp_path, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_sample_cli_with_scales(files, tmp_path):
-    """sample.py --scales draws from the personalized model; a scales file from another base is refused."""
-    out, _ = run(files, tmp_path / "s", "--n_experts", "2")
+@pytest.mark.parametrize("multi", [False, True], ids=["scale", "in_scale"])
+def test_sample_cli_with_scales(files, tmp_path, multi):
+    """sample.py --scales draws from the personalized model (S2; with --multi_channel each expert has its own
+    in_scales too); a scales file from another base is refused."""
+    out, _ = run(files, tmp_path / "s", "--n_experts", "2", *(["--multi_channel"] if multi else []))
+    from safetensors.torch import load_file
+    names = list(load_file(out))
+    for k in range(2):
+        in_scales = [n for n in names if n.startswith(f"expert.{k}.") and n.endswith(".in_scale")]
+        assert len(in_scales) == (len(names) // 4 if multi else 0)
     import sample
     sample.main(["--ckpt", str(files / "q.safetensors"), "--scales", str(out), "--prompt", "a photo of sks mug",
                  "--height", str(RES), "--width", str(RES), "--num_inference_steps", "3", "--out",
