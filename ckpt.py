@@ -141,11 +141,14 @@ def read_tensors(path):
     except Exception as e:
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): "
                               f"{str(e).splitlines()[0]}") from None
+    meta = {}
+    if isinstance(obj, dict):                                # qdp's config, as save_compvis writes it to a .ckpt
+        meta = {k: v for k, v in obj.items() if k.startswith("qdp.") and isinstance(v, str)}
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):  # a Lightning checkpoint
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict; {HINT}")
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, {}
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, meta
 
 
 def check_family(tensors, path):
@@ -314,17 +317,47 @@ def config_json(model):
 
 
 def atomic_save(tensors, path, metadata=None):
-    """save_file to a temporary name, then rename: a crash never leaves a half-written file behind."""
+    """save_file to a temporary name, then rename: a crash never leaves a half-written file behind. A `.ckpt` path
+    gets what older tools open with torch.load: {"state_dict": tensors, **metadata}, tensors and strings only."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    if path.suffix == ".ckpt":
+        torch.save({"state_dict": tensors, **(metadata or {})}, tmp)
+    else:
+        save_file(tensors, str(tmp), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)                            # safetensors creates its files 0600: a file as any other
     os.replace(tmp, path)
 
 
+@torch.no_grad()
+def dequantize(unet):
+    """A plain UNet (unet.py's Conv2d and Linear) holding a quantized UNet's dequantized weights, scale * (w_int -
+    zero_point), the parts of a split layer concatenated back along the input dimension, and its other tensors as
+    they are. It computes what `unet` computes with activation quantization off, and saves as any SD v1 UNet does.
+    A UNet without quantized layers is returned as it is."""
+    import quant  # here, not at the top: quant imports ckpt
+    layers = {n: m for n, m in unet.named_modules() if isinstance(m, quant.QuantLayer)}
+    if not layers:
+        return unet
+    with torch.device("meta"):
+        plain = unet_lib.UNet(unet.config)
+    own, want = unet.state_dict(), {}
+    for k in plain.state_dict():
+        name, _, leaf = k.rpartition(".")
+        if name in layers and leaf == "weight":
+            want[k] = torch.cat([q.weight() for q in layers[name].weight_quantizers()], dim=1)
+        else:
+            want[k] = own[k]
+    return fill(plain, want, "UNet", "the dequantized UNet").eval()
+
+
 def save_compvis(model, path, dtype=None):
-    """One .safetensors file in the CompVis layout, with qdp's config in its metadata; floating tensors are cast to
-    `dtype` if given (e.g. torch.float16 to halve the file)."""
+    """One .safetensors (or .ckpt) file in the CompVis layout, with qdp's config in its metadata; floating tensors are
+    cast to `dtype` if given (e.g. torch.float16 to halve the file)."""
     parts = {"unet": model.unet.state_dict(), "vae": model.vae.state_dict(),
              "text_encoder": canonical_text_keys(model.text_encoder.state_dict())}
     cast = lambda v: v.to(dtype) if dtype is not None and v.is_floating_point() else v
@@ -332,18 +365,20 @@ def save_compvis(model, path, dtype=None):
     atomic_save(tensors, path, {"format": "pt", "qdp.config": config_json(model)})
 
 
-def save_diffusers(model, folder):
-    """A diffusers folder that `StableDiffusionPipeline.from_pretrained(folder)` opens (no safety checker)."""
+def save_diffusers(model, folder, dtype=None):
+    """A diffusers folder that `StableDiffusionPipeline.from_pretrained(folder)` opens (no safety checker); floating
+    tensors are cast to `dtype` if given."""
     folder = Path(folder)
     ucfg, vcfg = model.unet.config, model.vae.config
     umap, vmap = unet_lib.diffusers_key_map(ucfg), vae_lib.diffusers_key_map(vcfg)
+    cast = lambda sd: {k: v.to(dtype) if dtype is not None and v.is_floating_point() else v for k, v in sd.items()}
     vae_sd = {vmap[k]: (v.flatten(1) if ".attentions." in vmap[k] and v.ndim == 4 else v)  # 1x1 conv -> linear
               for k, v in model.vae.state_dict().items()}
-    atomic_save({umap[k]: v for k, v in model.unet.state_dict().items()},
+    atomic_save(cast({umap[k]: v for k, v in model.unet.state_dict().items()}),
                 folder / "unet" / "diffusion_pytorch_model.safetensors", {"format": "pt"})
-    atomic_save(vae_sd, folder / "vae" / "diffusion_pytorch_model.safetensors", {"format": "pt"})
-    atomic_save(canonical_text_keys(model.text_encoder.state_dict()), folder / "text_encoder" / "model.safetensors",
-                {"format": "pt"})
+    atomic_save(cast(vae_sd), folder / "vae" / "diffusion_pytorch_model.safetensors", {"format": "pt"})
+    atomic_save(cast(canonical_text_keys(model.text_encoder.state_dict())),
+                folder / "text_encoder" / "model.safetensors", {"format": "pt"})
     configs = {"unet": {"_class_name": "UNet2DConditionModel", **unet_lib.diffusers_config(ucfg)},
                "vae": {"_class_name": "AutoencoderKL", **vae_lib.diffusers_config(vcfg)},
                "text_encoder": {**model.text_encoder.config.to_dict(), "architectures": ["CLIPTextModel"]},

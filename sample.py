@@ -11,23 +11,33 @@ set_alpha_to_one=False, "leading" spacing, PNDM with skip_prk_steps), so one see
         --device cuda --num_images_per_prompt 4 --out astronaut.png         # GPU: a 2x2 grid of 512x512 images
     python sample.py --ckpt v1-5-pruned-emaonly.safetensors --prompt "a watercolor fox" --device cpu \
         --height 256 --width 256 --num_inference_steps 20 --scheduler plms --out fox.png   # laptop CPU, float32
+    python sample.py --ckpt q.safetensors --scales out/sks-dog/personalized.safetensors --expert 2 \
+        --export sks-dog.safetensors      # a plain FP16 SD v1 file (or a diffusers folder) for other tools
 """
 import argparse
 import functools
+import json
 import math
+import os
+import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch
 from PIL import Image
+from safetensors import safe_open
 from tqdm import tqdm
 
 import ckpt
+import unet as unet_lib
 
 NUM_TRAIN_TIMESTEPS = 1000
 BETA_START, BETA_END = 0.00085, 0.012  # SD v1's scheduler config
 STEPS_OFFSET = 1  # SD v1 shifts every inference timestep up by one: 981, 961, ..., 1 for 50 steps
 SCHEDULERS = ("ddim", "plms")
+EXPORT_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+COMPVIS_SUFFIXES = (".safetensors", ".ckpt")  # --export to one of these writes one file, to anything else a folder
 
 
 def alphas_cumprod():
@@ -230,6 +240,58 @@ def image_grid(images):
     return grid
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# export: the (personalized) quantized model as a plain checkpoint
+
+
+def experts_in(scales):
+    """How many S2 experts train.py's output holds (1 for PEQA and full DreamBooth), from the file's header alone;
+    None if the header cannot be read (train.load_personalized then says why)."""
+    try:
+        with safe_open(str(scales), framework="pt") as f:
+            return int(json.loads(f.metadata()["qdp.train"]).get("n_experts", 1))
+    except Exception:
+        return None
+
+
+def remove(path):
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def export(sd, path, export_format="compvis", dtype=torch.float16):
+    """Write `sd` as a plain SD v1 checkpoint, its UNet dequantized (ckpt.dequantize): one CompVis .safetensors or
+    .ckpt file, or a diffusers folder. Activation quantization does not survive: the file computes what the quantized
+    model computes with float activations. Atomic: a file or folder is written under a temporary name and renamed
+    over `path`, so a crash leaves the previous export (or none), never half of one."""
+    if not isinstance(sd.unet, unet_lib.UNet):
+        raise ValueError("a merged model holds one UNet; put one S2 expert in place first (ExpertUNet.use(k))")
+    plain = ckpt.StableDiffusion(ckpt.dequantize(sd.unet), sd.vae, sd.text_encoder, sd.tokenizer)
+    path = Path(path)
+    if export_format == "compvis":
+        ckpt.save_compvis(plain, path, dtype)
+        return
+    tmp, old = (path.with_name(f".{path.name}.{end}") for end in ("tmp", "old"))
+    remove(tmp)
+    remove(old)
+    ckpt.save_diffusers(plain, tmp, dtype)
+    if path.exists():                  # a folder cannot be renamed over another: move the old one aside first
+        os.replace(path, old)
+    os.replace(tmp, path)
+    remove(old)
+
+
+def size_of(path):
+    path = Path(path)
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# command line
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Generate images with Stable Diffusion v1.")
     # model
@@ -241,7 +303,7 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                         help="weights and activations; default float16 on cuda, float32 on cpu")
     # prompt
-    parser.add_argument("--prompt", required=True, help="what to draw")
+    parser.add_argument("--prompt", default=None, help="what to draw (optional with --export)")
     parser.add_argument("--negative_prompt", default="", help="what to steer away from (the unconditional prompt)")
     # sampling
     parser.add_argument("--seed", type=int, default=0, help="seeds the CPU generator for x_T and DDIM's eta noise")
@@ -255,6 +317,17 @@ def parse_args(argv=None):
     parser.add_argument("--num_images_per_prompt", type=int, default=1, help="images to draw, in one batch")
     # output
     parser.add_argument("--out", default="sample.png", help="image file; several images are pasted into one grid")
+    # export
+    parser.add_argument("--export", default=None, help="write the (personalized) model here as a plain SD v1 "
+                        "checkpoint, its UNet dequantized: a .safetensors/.ckpt file or a diffusers folder; samples "
+                        "too only if --prompt is given")
+    parser.add_argument("--export_format", choices=["compvis", "diffusers"], default=None,
+                        help="default: compvis for a path ending in .safetensors or .ckpt, diffusers otherwise")
+    parser.add_argument("--export_dtype", choices=sorted(EXPORT_DTYPES), default=None,
+                        help="dtype of the exported weights (default fp16)")
+    parser.add_argument("--expert", type=int, default=None, help="S2: use expert K's scales at every timestep; "
+                        "--export needs it when --scales holds several experts")
+    parser.add_argument("--overwrite", action="store_true", help="let --export replace an existing file or folder")
     args = parser.parse_args(argv)
 
     for side in (args.height, args.width):
@@ -274,18 +347,70 @@ def parse_args(argv=None):
     if Path(args.out).suffix.lower() not in Image.registered_extensions():
         parser.error(f"--out needs an image suffix such as .png, got {args.out!r}")
     args.dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
+    check_export_args(parser, args)
     return args
+
+
+def check_export_args(parser, args):
+    """The export and expert flags' checks, before any loading."""
+    if args.prompt is None and args.export is None:
+        parser.error("--prompt is required (what to draw), unless --export writes the model to a file")
+    if args.export is None and (args.export_format or args.export_dtype or args.overwrite):
+        parser.error("--export_format, --export_dtype and --overwrite only apply with --export PATH")
+    n = experts_in(args.scales) if args.scales else 1
+    if args.expert is not None and n == 1:
+        parser.error("--expert picks one S2 expert of --scales, but " + (f"{args.scales} holds a single set"
+                     if args.scales else "no --scales file is given") + "; drop --expert")
+    if args.expert is not None and n and not 0 <= args.expert < n:
+        parser.error(f"--expert must be in 0..{n - 1}: {args.scales} holds {n} S2 experts")
+    if args.export is None:
+        return
+    if n and n > 1 and args.expert is None:
+        parser.error(f"{args.scales} holds {n} S2 experts that take turns as t falls, but a merged single model has "
+                     f"one set of weights for every t: pick one with --expert K (0..{n - 1}), or export each")
+    path = Path(args.export)
+    one_file = path.suffix.lower() in COMPVIS_SUFFIXES
+    args.export_format = args.export_format or ("compvis" if one_file else "diffusers")
+    args.export_dtype = args.export_dtype or "fp16"
+    if args.export_format == "compvis" and not one_file:
+        parser.error(f"--export_format compvis writes one file; name it .safetensors or .ckpt, not {path.name!r}")
+    if args.export_format == "diffusers" and one_file:
+        parser.error(f"--export_format diffusers writes a folder; drop the {path.suffix} suffix of --export")
+    if any(path.resolve() == Path(p).resolve() for p in (args.ckpt, args.scales) if p):
+        parser.error("--export would overwrite --ckpt or --scales; choose another path")
+    if path.exists() and not args.overwrite:
+        parser.error(f"--export {path} already exists; add --overwrite to replace it, or choose another path")
+    if path.is_dir() and (one_file or not (path / "model_index.json").is_file()):
+        parser.error(f"--export {path} is a folder that holds no diffusers model; qdp will not replace it")
 
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        sd = ckpt.load_sd(args.ckpt, device=args.device, dtype=getattr(torch, args.dtype))
+    dtype = getattr(torch, args.dtype)
+    try:  # an export dequantizes in float32 and casts when it writes
+        sd = ckpt.load_sd(args.ckpt, device=args.device, dtype=torch.float32 if args.export else dtype)
         if args.scales:
             import train  # train imports this module
             sd = train.load_personalized(sd, args.scales, base_path=args.ckpt)
+            if args.expert is not None:  # one expert's scales, in place for every t
+                sd.unet.use(args.expert)
+                sd.unet = sd.unet.unet
     except ckpt.CheckpointError as e:
         sys.exit(f"error: {e}")
+    if args.export:
+        import quant
+        layer = next((m for m in sd.unet.modules() if isinstance(m, quant.QuantLayer)), None)
+        if layer is not None and layer.abits < 32:
+            print(f"warning: {args.ckpt} quantizes activations to {layer.abits} bits, which a plain checkpoint cannot "
+                  f"express; the export computes with float activations (W{layer.wbits}A32)", file=sys.stderr)
+        t0 = time.perf_counter()
+        export(sd, args.export, args.export_format, EXPORT_DTYPES[args.export_dtype])
+        print(f"wrote {args.export}: {args.export_format} layout, {args.export_dtype}, "
+              f"{size_of(args.export) / 2**20:.1f} MiB" + (f", expert {args.expert}" if args.expert is not None else "")
+              + f", in {time.perf_counter() - t0:.1f} s")
+        if args.prompt is None:
+            return
+        sd.to(dtype=dtype)
     images = generate(sd, args.prompt, args.negative_prompt, args.seed, args.num_inference_steps, args.guidance_scale,
                       args.height, args.width, args.scheduler, args.eta, args.num_images_per_prompt)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

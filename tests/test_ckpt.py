@@ -62,6 +62,20 @@ def test_round_trip_is_bit_identical(compvis_file, tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_ckpt_file_round_trip(compvis_file, tmp_path):
+    """save_compvis to a .ckpt writes what older tools open, torch.load(weights_only=True) -> {"state_dict": the
+    CompVis tensors}, and it loads back with the same tensors and the config shapes cannot tell (2 heads, not 8)."""
+    sd = load_sd(compvis_file)
+    save_compvis(sd, tmp_path / "m.ckpt", dtype=torch.float16)
+    obj = torch.load(tmp_path / "m.ckpt", weights_only=True)
+    a = load_file(compvis_file)
+    assert obj["state_dict"].keys() == a.keys() and "qdp.config" in obj
+    assert all(torch.equal(obj["state_dict"][k], v.half()) for k, v in a.items())
+    again = load_sd(tmp_path / "m.ckpt")
+    assert again.unet.config == sd.unet.config and again.unet.config.num_heads == 2
+    assert not (tmp_path / "m.ckpt.tmp").exists()
+
+
 def test_diffusers_opens_our_folder(compvis_file, tmp_path):
     """diffusers' own pipeline loads the folder we write and its UNet computes what ours does."""
     from diffusers import StableDiffusionPipeline

@@ -189,6 +189,11 @@ def test_generate_matches_diffusers(tiny_pipe, scheduler, eta, prompt, negative,
     (["--scheduler", "plms", "--eta", "0.5"], "--eta only applies"),
     (["--num_inference_steps", "1000"], "--num_inference_steps must be in"),
     (["--out", "image.txt"], "image suffix"),
+    (["--export", "m.safetensors", "--export_format", "diffusers"], "writes a folder"),
+    (["--export", "folder", "--export_format", "compvis"], "writes one file"),
+    (["--export", "missing"], "overwrite --ckpt"),
+    (["--expert", "1"], "drop --expert"),
+    (["--overwrite"], "only apply with --export"),
 ])
 def test_cli_rejects_bad_flags(flags, message, capsys):
     """A contradictory or invalid flag stops the CLI before any loading, with a message that says what to fix."""
@@ -205,3 +210,108 @@ def test_cli_smoke(tiny_pipe, tmp_path):
                  "--num_inference_steps", "2", "--scheduler", "plms", "--num_images_per_prompt", "2",
                  "--device", "cpu", "--out", str(out)])
     assert Image.open(out).size == (128, 64)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# export: the tiny W4 model of test_train (quantized RTN, as quant.py writes it) and scales trained on it
+
+import warnings  # noqa: E402
+
+import quant  # noqa: E402
+import train  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from test_train import RES, files, run, tiny_sd  # noqa: E402, F401 (files: a module fixture)
+
+
+@pytest.fixture(scope="module")
+def s2_scales(files, tmp_path_factory):
+    """{multi_channel: file}: 2 S2 experts trained 2 steps on t in 500..999 only, so expert 1 moved away from the
+    base; with per-output-channel scales, and with TuneQDM's per-input-channel in_scales too."""
+    out = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                                  # "experts [0] ... will not train": intended
+        for multi in (False, True):
+            out[multi], _ = run(files, tmp_path_factory.mktemp("s2"), "--n_experts", "2", "--t_range", "500,999",
+                                "--max_train_steps", "2", *(["--multi_channel"] if multi else []))
+    return out
+
+
+def unet_inputs():
+    """x (2,4,8,8), t in expert 1's half of 0..999, ctx (2,77,32)."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(2, 4, 8, 8, generator=g), torch.tensor([700, 900]), torch.randn(2, 77, 32, generator=g)
+
+
+@pytest.mark.parametrize("multi", [False, True], ids=["scale", "in_scale"])
+def test_export_compvis_equals_the_personalized_model(files, s2_scales, multi, tmp_path):
+    """--export of S2 scales with --expert 1 writes a plain CompVis file that ckpt.load_sd opens as a float model; its
+    UNet computes what the personalized model computes at expert 1's timesteps (not the base), its VAE and text
+    encoder are the base's, and nothing is sampled without --prompt. With --multi_channel's in_scales too."""
+    q, out = str(files / "q.safetensors"), tmp_path / "sks.safetensors"
+    sample.main(["--ckpt", q, "--scales", str(s2_scales[multi]), "--expert", "1", "--export", str(out),
+                 "--export_dtype", "fp32", "--out", str(tmp_path / "x.png")])
+    merged, base = ckpt.load_sd(out), ckpt.load_sd(q)
+    assert not any(isinstance(m, quant.QuantLayer) for m in merged.unet.modules())
+    personalized = train.load_personalized(ckpt.load_sd(q), s2_scales[multi])
+    x, t, ctx = unet_inputs()
+    with torch.no_grad():
+        want = personalized.unet(x, t, ctx)
+        torch.testing.assert_close(merged.unet(x, t, ctx), want, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(base.unet(x, t, ctx), want, rtol=1e-3, atol=1e-3)
+    for a, b in [(merged.vae, base.vae), (merged.text_encoder, base.text_encoder)]:
+        assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_export_diffusers_folder_opens_in_diffusers(tmp_path, capsys):
+    """A W4A8 base without --scales exports to a diffusers folder that UNet2DConditionModel.from_pretrained opens;
+    it computes what the W4A32 model with the same codes computes, and one warning line says that activation
+    quantization is dropped."""
+    diffusers = pytest.importorskip("diffusers")
+    sd = tiny_sd()
+    sd.unet = quant.quantize_(sd.unet, 4, 8)
+    quant.save_quantized(sd, tmp_path / "w4a8.safetensors")
+    ours = quant.quantize_(tiny_sd().unet, 4)
+    sample.main(["--ckpt", str(tmp_path / "w4a8.safetensors"), "--export", str(tmp_path / "d"), "--export_dtype",
+                 "fp32"])
+    err = capsys.readouterr().err
+    assert "warning" in err and "activations to 8 bits" in err and err.count("\n") == 1
+    theirs = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "d" / "unet", local_files_only=True)
+    x, t, ctx = unet_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x, t, ctx).sample, ours(x, t, ctx), rtol=1e-5, atol=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "w4a8.safetensors"]    # no temporary left behind
+
+
+def test_export_of_s2_scales_needs_an_expert(files, s2_scales, tmp_path, capsys):
+    """S2 scales without --expert stop before any loading, with one line that says why (a merged model cannot
+    switch experts by timestep) and what to do; an --expert out of range is refused too."""
+    argv = ["--ckpt", str(files / "q.safetensors"), "--scales", str(s2_scales[False]), "--export",
+            str(tmp_path / "m.ckpt")]
+    for extra, messages in [([], ["2 S2 experts", "one set of weights for every t", "--expert K (0..1)",
+                                  "or export each"]), (["--expert", "2"], ["--expert must be in 0..1"])]:
+        with pytest.raises(SystemExit) as exit_info:
+            sample.main(argv + extra)
+        last = capsys.readouterr().err.strip().splitlines()[-1]          # after argparse's usage lines
+        assert exit_info.value.code == 2 and all(m in last for m in messages), last
+    assert not (tmp_path / "m.ckpt").exists()
+
+
+def test_export_never_overwrites_without_flag(files, tmp_path, capsys):
+    """An existing --export path is left alone unless --overwrite; a folder that holds no diffusers model is never
+    replaced; with --overwrite the file is replaced (fp16 by default) and --prompt samples as well."""
+    q, path, folder = str(files / "q.safetensors"), tmp_path / "m.safetensors", tmp_path / "photos"
+    path.write_bytes(b"keep")
+    folder.mkdir()
+    (folder / "cat.jpg").write_bytes(b"mine")
+    for argv, message in [(["--export", str(path)], "already exists"),
+                          (["--export", str(folder), "--overwrite"], "holds no diffusers model")]:
+        with pytest.raises(SystemExit):
+            sample.main(["--ckpt", q, *argv])
+        assert message in capsys.readouterr().err
+    assert path.read_bytes() == b"keep" and (folder / "cat.jpg").read_bytes() == b"mine"
+    sample.main(["--ckpt", q, "--export", str(path), "--overwrite", "--prompt", "a photo of a mug", "--height",
+                 str(RES), "--width", str(RES), "--num_inference_steps", "2", "--out", str(tmp_path / "x.png")])
+    with safe_open(str(path), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+    assert Image.open(tmp_path / "x.png").size == (RES, RES)
