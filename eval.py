@@ -144,14 +144,260 @@ def read_images(folder):
     return [Image.open(p).convert("RGB") for p in files]
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# local CLIP-I: CLIP-I on the subject's crop
+
+
+def word_positions(tokenizer, prompt, word):
+    """Token positions (in SD's 77-token sequence, start token at 0) of the last occurrence of `word` in prompt."""
+    ids = tokenizer(prompt).input_ids
+    piece = tokenizer(" " + word, add_special_tokens=False).input_ids
+    for i in range(len(ids) - len(piece), 0, -1):
+        if ids[i:i + len(piece)] == piece:
+            return list(range(i, i + len(piece)))
+    raise ValueError(f"{word!r} is not a word of the prompt {prompt!r}")
+
+
+@torch.no_grad()
+def attention_map(sd, image, prompt, word, timesteps=(300, 500, 700), seed=0):
+    """Where the model looks for `word`: the image is encoded, noised to each of `timesteps`, denoised once with the
+    prompt, and the cross-attention probabilities of the word's tokens are averaged over heads, layers (each map
+    upsampled to the latent size) and timesteps. Returns (h, w) in latent pixels, summing to 1."""
+    import sample
+    x = to_tensor([image]).to(next(sd.vae.parameters()).device) * 2 - 1
+    z = sd.vae.encode_latents(x, sample=False)
+    ctx = sample.encode_prompts(sd, [prompt])
+    pos = word_positions(sd.tokenizer, prompt, word)
+    maps, hooks = [], []
+
+    def grab(attn, args):
+        h, c = args[0], args[1]
+        q = attn.to_q(h).unflatten(-1, (attn.heads, -1)).transpose(1, 2)
+        k = attn.to_k(c).unflatten(-1, (attn.heads, -1)).transpose(1, 2)
+        probs = torch.softmax(q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5, dim=-1)   # (1, heads, N, 77)
+        n = probs.shape[2]
+        hh = int(round((n * z.shape[-2] / z.shape[-1]) ** 0.5))
+        m = probs[0, :, :, pos].sum(-1).mean(0).reshape(1, 1, hh, n // hh)
+        maps.append(F.interpolate(m, size=z.shape[-2:], mode="bilinear", align_corners=False)[0, 0])
+
+    for name, module in sd.unet.named_modules():
+        if name.endswith("attn2"):
+            hooks.append(module.register_forward_pre_hook(grab))
+    try:
+        ab = sample.alphas_cumprod().to(z.device)
+        g = torch.Generator().manual_seed(seed)
+        for t in timesteps:
+            noise = torch.randn(z.shape, generator=g).to(z)
+            a = ab[t]
+            sd.unet(a.sqrt() * z + (1 - a).sqrt() * noise, torch.tensor([t], device=z.device), ctx)
+    finally:
+        for h in hooks:
+            h.remove()
+    m = torch.stack(maps).mean(0)
+    return m / m.sum()
+
+
+def box_from_map(m, size, keep=0.5):
+    """The bounding box (x0, y0, x1, y1) in image pixels of the map's region above min + keep x (max - min)."""
+    m = F.interpolate(m[None, None], size=(size[1], size[0]), mode="bilinear", align_corners=False)[0, 0]
+    ys, xs = torch.nonzero(m >= m.min() + keep * (m.max() - m.min()), as_tuple=True)
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+def iou(a, b):
+    """Intersection over union of two (x0, y0, x1, y1) boxes."""
+    w = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = w * h
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def subject_crop(sd, image, prompt, word, margin=0.1):
+    """The image cropped to the square around the model's attention box for `word`, grown by `margin` per side."""
+    x0, y0, x1, y1 = box_from_map(attention_map(sd, image, prompt, word), image.size)
+    side = max(x1 - x0, y1 - y0) * (1 + 2 * margin)
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    return image.crop((round(cx - side / 2), round(cy - side / 2), round(cx + side / 2), round(cy + side / 2)))
+
+
+def crop_iou(sd, root, per_subject=None):
+    """How well the attention box finds the object: mean IoU with the toy subjects' ground-truth boxes (boxes.json
+    of the toy dataset) over their reference photos, and the same for the best fixed central box as the baseline."""
+    import world
+    root = Path(root)
+    boxes = json.loads((root / "boxes.json").read_text())
+    classes, _, _ = world.read_prompts_and_classes(root / "prompts_and_classes.txt")
+    found, central = [], []
+    for s, files in boxes.items():
+        for f, truth in list(files.items())[:per_subject]:
+            im = Image.open(root / s / f).convert("RGB")
+            m = attention_map(sd, im, f"a photo of a {classes[s]}", classes[s])
+            found.append(iou(box_from_map(m, im.size), truth))
+            w, h = im.size
+            central.append(iou((w // 4, h // 4, 3 * w // 4, 3 * h // 4), truth))
+    return sum(found) / len(found), sum(central) / len(central), len(found)
+
+
+def local_clip_i(ev, sd, generated, prompts, word, references):
+    """Local CLIP-I: CLIP-I between the subject crops of the generated images (the model's own attention to the
+    class word, subject_crop) and the reference photos, which show the subject large already. Backgrounds that
+    match or differ from the references then count for nothing; only the subject does."""
+    crops = [subject_crop(sd, im, p, word) for im, p in zip(generated, prompts)]
+    return clip_i(ev, crops, references)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the DreamBooth protocol: subjects x prompt templates x images per prompt
+
+
+def dataset_subjects(root):
+    """{subject: class} and the object / live templates of a DreamBooth-layout dataset (the real one: root/dataset/
+    holds the folders; the toy one: root itself); every listed subject must have its folder."""
+    root = Path(root)
+    root = root / "dataset" if (root / "dataset" / "prompts_and_classes.txt").is_file() else root
+    if not (root / "prompts_and_classes.txt").is_file():
+        raise SystemExit(f"error: no prompts_and_classes.txt in {root}; pass a DreamBooth-layout dataset folder")
+    import world
+    classes, objects, live = world.read_prompts_and_classes(root / "prompts_and_classes.txt")
+    missing = [s for s in classes if not (root / s).is_dir()]
+    if missing:
+        raise SystemExit(f"error: {root} lists subjects without a folder: {', '.join(missing)}")
+    return root, classes, objects, live
+
+
+def templates_for(cls, objects, live):
+    """DreamBooth gives dogs and cats the live-subject prompts and every other class the object prompts."""
+    return live if cls in ("dog", "cat") else objects
+
+
+def evaluate_subject(sd, ev, references, cls, templates, token="sks", n_images=4, seed=0, **sampling):
+    """Sample every template n_images times (template i from seed + i) and score the lot against the references.
+    CLIP-T takes the prompt without the identifier ("a dog in the snow"), which the evaluation CLIP never saw;
+    local CLIP-I crops each image to where the model attends to the class word of its own prompt."""
+    import sample
+    images, prompts = [], []
+    for i, tpl in enumerate(templates):
+        images += sample.generate(sd, tpl.format(token, cls), seed=seed + i, num_images_per_prompt=n_images,
+                                  **sampling)
+        prompts += [" ".join(tpl.format("", cls).split())] * n_images
+    full = [tpl.format(token, cls) for tpl in templates for _ in range(n_images)]
+    return {"clip_i": clip_i(ev, images, references), "local_clip_i": local_clip_i(ev, sd, images, full, cls, references),
+            "clip_t": clip_t(ev, images, prompts), "dino": dino(ev, images, references)}, images, prompts
+
+
+def confidence_interval(values, level=0.95, n_boot=10_000, seed=0):
+    """Mean and the percentile-bootstrap interval of the mean over subjects (resampling subjects)."""
+    v = np.sort(np.asarray(values, dtype=np.float64))        # sorted: the interval does not depend on order
+    means = np.random.default_rng(seed).choice(v, size=(n_boot, len(v))).mean(1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(v.mean()), float(lo), float(hi)
+
+
+def summarize(results):
+    """{metric: (mean, ci_low, ci_high)} over the subjects of {subject: {metric: value}}."""
+    metrics = sorted({k for r in results.values() for k in r})
+    return {k: confidence_interval([r[k] for r in results.values()]) for k in metrics}
+
+
+def markdown(results, summary):
+    keys = list(summary)
+    lines = ["| subject | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    lines += [f"| {s} | " + " | ".join(f"{r[k]:.3f}" for k in keys) + " |" for s, r in results.items()]
+    lines.append("| **mean (95% CI)** | " + " | ".join(f"**{m:.3f}** ({lo:.3f}-{hi:.3f})"
+                                                       for m, lo, hi in summary.values()) + " |")
+    return "\n".join(lines)
+
+
+def run(args):
+    """The protocol over this process's share of the subjects; under torchrun, shards are gathered on rank 0,
+    which writes results.json, results.md and one image grid per subject."""
+    import ckpt
+    import sample
+    import train
+    import world
+    rank, world_size = 0, 1
+    if "RANK" in __import__("os").environ:
+        import torch.distributed as dist
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+    root, classes, objects, live = dataset_subjects(args.dataset)
+    subjects = list(classes) if args.subjects == "all" else args.subjects.split(",")
+    unknown = [s for s in subjects if s not in classes]
+    if unknown:
+        raise SystemExit(f"error: unknown subjects {', '.join(unknown)}; {root} has {', '.join(classes)}")
+    ev = load_evaluators(args.clip, args.dino)
+    out = Path(args.out)
+    mine, results = subjects[rank::world_size], {}
+    for name in mine:
+        sd = ckpt.load_sd(args.ckpt or ckpt.TOY_CKPT, device=args.device)
+        if args.scales:
+            train.load_personalized(sd, args.scales.format(subject=name), base_path=args.ckpt or ckpt.TOY_CKPT)
+        templates = templates_for(classes[name], objects, live)[:args.n_prompts]
+        scores, images, prompts = evaluate_subject(
+            sd, ev, read_images(root / name), classes[name], templates, args.token, args.n_images, args.seed,
+            num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale)
+        results[name] = scores
+        (out / "grids").mkdir(parents=True, exist_ok=True)
+        firsts = [(images[i], prompts[i]) for i in range(0, len(images), args.n_images)]
+        world.grid(firsts, cols=min(8, len(firsts))).save(out / "grids" / f"{name}.png")
+        print(f"[rank {rank}] {name}: " + "  ".join(f"{k} {v:.3f}" for k, v in scores.items()), flush=True)
+    if world_size > 1:
+        import torch.distributed as dist
+        shards = [None] * world_size
+        dist.all_gather_object(shards, results)
+        results = {k: v for shard in shards for k, v in shard.items()}
+        dist.destroy_process_group()
+    if rank != 0:
+        return None
+    results = {s: results[s] for s in subjects}                 # subject order, whatever the sharding
+    summary = summarize(results)
+    settings = {k: getattr(args, k) for k in ("ckpt", "scales", "dataset", "n_images", "n_prompts", "seed",
+                                              "num_inference_steps", "guidance_scale", "token")}
+    (out / "results.json").write_text(json.dumps({"subjects": results, "summary": summary, "settings": settings},
+                                                 indent=2))
+    (out / "results.md").write_text(markdown(results, summary) + "\n")
+    print(markdown(results, summary))
+    return results, summary
+
+
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Score generated images against reference photos and a prompt.")
-    parser.add_argument("--images", required=True, help="folder of generated images")
-    parser.add_argument("--references", required=True, help="folder of the subject's reference photos")
-    parser.add_argument("--prompt", required=True, help="the prompt the images were generated from")
+    parser = argparse.ArgumentParser(description="Score generated images (--images), or run the DreamBooth protocol "
+                                     "over a dataset's subjects (--dataset; torchrun shards the subjects).")
+    parser.add_argument("--images", default=None, help="folder of generated images to score")
+    parser.add_argument("--references", default=None, help="with --images: the subject's reference photos")
+    parser.add_argument("--prompt", default=None, help="with --images: the prompt the images were generated from")
+    parser.add_argument("--dataset", default=None, help="DreamBooth-layout folder: run the protocol on its subjects")
+    parser.add_argument("--subjects", default="all", help="comma-separated subject names (default: all)")
+    parser.add_argument("--ckpt", default=None, help="base model, as in sample.py (default: the toy model)")
+    parser.add_argument("--scales", default=None, help="train.py output per subject, with {subject} in the path, "
+                        "e.g. runs/peqa/{subject}/personalized.safetensors (default: the base model itself)")
+    parser.add_argument("--token", default="sks", help="the rare identifier the subjects were trained with")
+    parser.add_argument("--n_images", type=int, default=4, help="images per prompt (DreamBooth: 4)")
+    parser.add_argument("--n_prompts", type=int, default=25, help="use the first N of the 25 templates")
+    parser.add_argument("--num_inference_steps", type=int, default=50)
+    parser.add_argument("--guidance_scale", type=float, default=7.5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default="runs/eval", help="folder for results.json, results.md and grids/")
     parser.add_argument("--clip", default=None, help="local CLIP ViT-B/32 folder (default: the toy evaluator)")
     parser.add_argument("--dino", default=None, help="local DINO ViT-S/16 folder (default: the toy evaluator)")
+    parser.add_argument("--crop_iou", action="store_true", help="measure the local CLIP-I crop against the toy "
+                        "subjects' ground-truth boxes and exit")
     args = parser.parse_args()
+    if args.crop_iou:
+        import ckpt
+        found, central, n = crop_iou(ckpt.load_sd(ckpt.TOY_CKPT), Path(__file__).parent / "assets/toy/dreambooth")
+        print(f"attention box IoU {found:.3f} vs {central:.3f} for the central half-size box, {n} toy references")
+        raise SystemExit(0)
+    if args.dataset:
+        if args.scales and "{subject}" not in args.scales:
+            parser.error("--scales needs {subject} in the path: one train.py output per subject")
+        if args.n_images < 1 or not 1 <= args.n_prompts <= 25:
+            parser.error("--n_images must be >= 1 and --n_prompts in 1..25")
+        run(args)
+        raise SystemExit(0)
+    if not (args.images and args.references and args.prompt):
+        parser.error("give --dataset (the protocol), or --images, --references and --prompt (one folder)")
     ev = load_evaluators(args.clip, args.dino)
     gen, refs = read_images(args.images), read_images(args.references)
     print(f"CLIP-I {clip_i(ev, gen, refs):.3f}  CLIP-T {clip_t(ev, gen, [args.prompt] * len(gen)):.3f}  "

@@ -328,30 +328,46 @@ def attribute_prompts(scene):
             "context": [f"a photo of a {phrase(ctx)}" for ctx in world.CONTEXTS]}
 
 
+def heldout_scenes(n=64, seed=0):
+    """n scenes whose (class, color, context) triple was never in pretraining, with their canonical captions."""
+    rng = random.Random(seed)
+    scenes = [world.Scene(t.cls, t.color, "plain", t.context) for t in
+              (world.sample_scene(rng, split="heldout") for _ in range(n))]
+    return scenes, [world.caption(s) for s in scenes]
+
+
+def attribute_accuracy(ev, images, scenes):
+    """Zero-shot accuracy of the evaluation CLIP on class, color and context of images showing `scenes`."""
+    import eval as metrics
+    cand = [attribute_prompts(s) for s in scenes]
+    truth = {"class": [world.CLASSES.index(s.cls) for s in scenes],
+             "color": [list(world.COLORS).index(s.color) for s in scenes],
+             "context": [world.CONTEXTS.index(s.context) for s in scenes]}
+    return {k: (metrics.zero_shot(ev, images, [c[k] for c in cand]) == torch.tensor(truth[k])).float().mean().item()
+            for k in truth}
+
+
+def generate_heldout(sd_model, prompts, steps=50, guidance_scale=7.5, seed=0):
+    """One sample per prompt, 16 prompts per batch, batch i seeded with seed + 16 i."""
+    images = []
+    for i in range(0, len(prompts), 16):
+        images += sample.generate(sd_model, prompts[i:i + 16], seed=seed + i, num_inference_steps=steps,
+                                  guidance_scale=guidance_scale, height=SIZE, width=SIZE)
+    return images
+
+
 def report(sd_model, ev, n=64, n_subject=8, steps=50, guidance_scale=7.5, seed=0, grid_path=None):
     """The pretrained world's numbers: zero-shot class/color/context accuracy of the evaluation CLIP on generated
     images for held-out prompts (real renders of the same scenes give the ceiling), and how close "a photo of a
     <class>" samples come to each subject (subject fidelity) against the references' fidelity to each other."""
     import eval as metrics
-    rng = random.Random(seed)
-    scenes = [world.Scene(t.cls, t.color, "plain", t.context) for t in
-              (world.sample_scene(rng, split="heldout") for _ in range(n))]
-    prompts = [world.caption(s) for s in scenes]
+    scenes, prompts = heldout_scenes(n, seed)
     real = [world.render(s, seed=10_000 + i)[0] for i, s in enumerate(scenes)]
-    fake = []
-    for i in range(0, n, 16):
-        fake += sample.generate(sd_model, prompts[i:i + 16], seed=seed + i, num_inference_steps=steps,
-                                guidance_scale=guidance_scale, height=SIZE, width=SIZE)
-    rows = {}
-    cand = [attribute_prompts(s) for s in scenes]
-    truth = {"class": [world.CLASSES.index(s.cls) for s in scenes],
-             "color": [list(world.COLORS).index(s.color) for s in scenes],
-             "context": [world.CONTEXTS.index(s.context) for s in scenes]}
-    for name, images in (("real renders (ceiling)", real), ("generated", fake)):
-        rows[name] = {k: (metrics.zero_shot(ev, images, [c[k] for c in cand]) == torch.tensor(truth[k]))
-                      .float().mean().item() for k in truth}
-    rows["chance"] = {"class": 1 / len(world.CLASSES), "color": 1 / len(world.COLORS),
-                      "context": 1 / len(world.CONTEXTS)}
+    fake = generate_heldout(sd_model, prompts, steps, guidance_scale, seed)
+    rows = {"real renders (ceiling)": attribute_accuracy(ev, real, scenes),
+            "generated": attribute_accuracy(ev, fake, scenes),
+            "chance": {"class": 1 / len(world.CLASSES), "color": 1 / len(world.COLORS),
+                       "context": 1 / len(world.CONTEXTS)}}
     subjects = {}
     for k, (name, subj) in enumerate(world.SUBJECTS.items()):
         refs = [world.render_subject(name, ctx, s)[0] for ctx, s in world.references(name)]

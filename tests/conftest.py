@@ -14,7 +14,7 @@ SHARED = ROOT.parent / "shared" / "assets"  # present on developer machines and 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(1)  # small tests gain nothing from a 2nd thread, and on a busy machine it waits for it
 
 
 @pytest.fixture(autouse=True)
