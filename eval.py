@@ -275,13 +275,14 @@ def evaluate_subject(sd, ev, references, cls, templates, token="sks", n_images=4
     CLIP-T takes the prompt without the identifier ("a dog in the snow"), which the evaluation CLIP never saw;
     local CLIP-I crops each image to where the model attends to the class word of its own prompt."""
     import sample
-    images, prompts = [], []
+    images, prompts, shown = [], [], []          # shown: what the model was given; prompts: what CLIP-T reads
     for i, tpl in enumerate(templates):
         images += sample.generate(sd, tpl.format(token, cls), seed=seed + i, num_images_per_prompt=n_images,
                                   **sampling)
+        shown += [tpl.format(token, cls)] * n_images
         prompts += [" ".join(tpl.format("", cls).split())] * n_images
-    full = [tpl.format(token, cls) for tpl in templates for _ in range(n_images)]
-    return {"clip_i": clip_i(ev, images, references), "local_clip_i": local_clip_i(ev, sd, images, full, cls, references),
+    return {"clip_i": clip_i(ev, images, references),
+            "local_clip_i": local_clip_i(ev, sd, images, shown, cls, references),
             "clip_t": clip_t(ev, images, prompts), "dino": dino(ev, images, references)}, images, prompts
 
 
