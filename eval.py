@@ -71,6 +71,8 @@ def to_tensor(images):
 def prepare(images, pre):
     """Resize the shorter side to `size`, centre-crop a square, normalize: what CLIP's and DINO's processors do."""
     size, mean, std = pre
+    if not isinstance(images, torch.Tensor) and len({im.size for im in images}) > 1:   # e.g. subject crops
+        return torch.cat([prepare([im], pre) for im in images])
     x = to_tensor(images)
     h, w = x.shape[-2:]
     if (h, w) != (size, size):
@@ -215,9 +217,9 @@ def iou(a, b):
 def subject_crop(sd, image, prompt, word, margin=0.1):
     """The image cropped to the square around the model's attention box for `word`, grown by `margin` per side."""
     x0, y0, x1, y1 = box_from_map(attention_map(sd, image, prompt, word), image.size)
-    side = max(x1 - x0, y1 - y0) * (1 + 2 * margin)
-    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    return image.crop((round(cx - side / 2), round(cy - side / 2), round(cx + side / 2), round(cy + side / 2)))
+    side = round(max(x1 - x0, y1 - y0) * (1 + 2 * margin))
+    left, top = round((x0 + x1 - side) / 2), round((y0 + y1 - side) / 2)
+    return image.crop((left, top, left + side, top + side))
 
 
 def crop_iou(sd, root, per_subject=None):

@@ -380,6 +380,8 @@ def resolve_defaults(args, sd):
     d = TOY_DEFAULTS if sd.unet.config == unet_lib.toy() else REAL_DEFAULTS
     if args.learning_rate is None:
         args.learning_rate = d["full_learning_rate" if args.method == "full" else "learning_rate"]
+        if args.method == "peqa":          # the defaults are W4's; a b-bit scale is 15 / (2^b - 1) times as large,
+            args.learning_rate *= 15 / (2 ** quant.bits_of(sd.unet)[0] - 1)   # so each step moves it as far
     args.max_train_steps = args.max_train_steps or d["max_train_steps"]
     args.resolution = args.resolution or sample.vae_scale_factor(sd.vae) * sd.unet.config.sample_size
 
@@ -481,7 +483,8 @@ def parse_args(argv=None):
     p.add_argument("--train_batch_size", type=int, default=1, help="instance examples per step (plus as many class)")
     p.add_argument("--learning_rate", type=float, default=None,
                    help=f"AdamW lr (default {REAL_DEFAULTS['learning_rate']} as the official code, "
-                        f"{REAL_DEFAULTS['full_learning_rate']} for full; toy model: {TOY_DEFAULTS['learning_rate']})")
+                        f"{REAL_DEFAULTS['full_learning_rate']} for full; toy model: {TOY_DEFAULTS['learning_rate']}; "
+                        "PEQA's at W4, times 15/255 at W8: scales shrink with the step)")
     p.add_argument("--max_train_steps", type=int, default=None,
                    help=f"optimizer steps (default {REAL_DEFAULTS['max_train_steps']}; toy {TOY_DEFAULTS['max_train_steps']})")
     p.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW's decoupled weight decay")

@@ -53,6 +53,14 @@ def test_prepare_resizes_and_crops_like_the_processors():
     assert torch.allclose(x[0, 0], torch.ones(224, 224), atol=1e-4) and torch.allclose(x[0, 1], -torch.ones(224, 224))
 
 
+def test_prepare_takes_images_of_different_sizes(ev):
+    """Subject crops differ in size: each is resized on its own, as if it came alone."""
+    ims = [im.resize(s) for im, s in zip(images(3, 4), [(77, 77), (76, 76), (40, 40)])]
+    pre = ev.clip_pre
+    assert torch.allclose(metrics.prepare(ims, pre), torch.cat([metrics.prepare([im], pre) for im in ims]))
+    assert metrics.clip_i(ev, ims, ims[:1]) <= 1.0
+
+
 def test_zero_shot_picks_the_matching_prompt(ev):
     """zero_shot returns, per image, the index of the candidate with the highest cosine."""
     gen = images(3, 3)

@@ -262,6 +262,20 @@ def test_nan_loss_stops_and_keeps_the_last_state(files, tmp_path, monkeypatch):
         assert f.metadata()["step"] == "2"
 
 
+def test_default_learning_rate_follows_the_scale_size(files):
+    """PEQA's default lr is W4's, times 15/255 at W8, where every scale is 15/255 as large; full keeps its own."""
+    sd = tiny_sd()
+    lrs = {}
+    for bits in (4, 8):
+        sd.unet = quant.quantize_(tiny_sd().unet, bits)
+        args = train.parse_args(["--instance_data_dir", str(files / "photos"), "--instance_prompt", "a sks mug",
+                                 "--output_dir", "unused"])
+        train.resolve_defaults(args, sd)
+        lrs[bits] = args.learning_rate
+    assert lrs[4] == train.REAL_DEFAULTS["learning_rate"]
+    assert lrs[8] == pytest.approx(lrs[4] * 15 / 255)
+
+
 def test_pinned_first_losses(files, tmp_path):
     """The first losses of a seeded tiny run with prior preservation: a change to the maths moves them."""
     _, losses = run(files, tmp_path / "pin", "--with_prior_preservation", "--class_prompt", "a photo of a mug",

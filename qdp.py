@@ -1,0 +1,217 @@
+"""qdp end to end: quantize Stable Diffusion v1, personalize it by its quantization scales, sample, evaluate, report.
+
+The method of Ryu et al., "Memory-Efficient Personalization using Quantized Diffusion Model" (arXiv 2401.04339,
+TuneQDM at ECCV), one stage per module; this file only wires them:
+  1. quantize     quant.py   Q-Diffusion (arXiv 2302.04304): time-step-aware calibration, AdaRound + BRECQ, W4A8
+  2. personalize  train.py   DreamBooth (arXiv 2208.12242) with prior preservation, training only the scales (PEQA,
+                             arXiv 2305.14152): the baseline, S1 (selective: the content interval of t) and S2
+                             (specialized: 4 experts over t)
+  3. sample       sample.py  every model on the subject's evaluation prompts
+  4. evaluate     eval.py    CLIP-I, local CLIP-I, CLIP-T and DINO against the subject's photos
+  5. report       report.md with the table, and report.png with a grid of samples
+Rerunning with the same --out reuses every finished stage.
+
+    python qdp.py                                   # the toy world, subject dog_patch (about 8 min on 2 CPU cores)
+    python qdp.py --subject vase_heart --out runs/qdp_vase
+    python qdp.py --ckpt v1-5-pruned-emaonly.safetensors --instance_data_dir photos/my_dog --class_name dog \
+        --clip clip-vit-base-patch32 --dino dino-vits16 --device cuda --out runs/my_dog
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import ckpt
+import eval as metrics
+import quant
+import train
+import unet as unet_lib
+import world
+
+TOY_DATASET = Path(__file__).resolve().parent / "assets" / "toy" / "dreambooth"
+METHODS = {"baseline": [], "s1": ["--t_range", "content"], "s2": ["--n_experts", "4"]}
+
+
+def stage(k, name, line):
+    print(f"[{k}/5] {name}: {line}", flush=True)
+
+
+def quantize(args, out):
+    """Stage 1: the quantized base model, made once per --out (quant.py's defaults: Q-Diffusion's recipe on SD v1,
+    its fast preset on the toy model)."""
+    path = out / f"quantized_w{args.wbits}a{args.abits}.safetensors"
+    t0 = time.time()
+    if not path.is_file():
+        extra = [] if args.quant_iters is None else ["--iters", str(args.quant_iters), "--act_iters",
+                                                      str(args.quant_iters)]
+        quant.main(["--ckpt", str(args.ckpt), "--wbits", str(args.wbits), "--abits", str(args.abits),
+                    "--device", args.device, "--out", str(path), *extra])
+    stage(1, "quantize", f"W{args.wbits}A{args.abits} AdaRound in {time.time() - t0:.0f} s -> {path}")
+    return path
+
+
+def personalize(args, base, out, subject_dir, cls):
+    """Stage 2: one train.py run per method, all with prior preservation on class images the quantized model draws
+    (generated once, shared by the methods)."""
+    runs = {}
+    for method in args.methods:
+        run = out / method
+        t0 = time.time()
+        if not (run / train.OUT_FILE).is_file():
+            argv = ["--ckpt", str(base), "--instance_data_dir", str(subject_dir),
+                    "--instance_prompt", f"a photo of {args.token} {cls}", "--with_prior_preservation",
+                    "--class_prompt", f"a photo of a {cls}", "--class_data_dir", str(out / "class_images"),
+                    "--num_class_images", str(args.num_class_images), "--output_dir", str(run),
+                    "--seed", str(args.seed), "--device", args.device, *METHODS[method]]
+            if args.max_train_steps:
+                argv += ["--max_train_steps", str(args.max_train_steps)]
+            if (run / train.STATE_FILE).is_file():
+                argv.append("--resume")
+            train.train(train.parse_args(argv))
+            (run / "seconds.txt").write_text(f"{time.time() - t0:.1f}\n")
+        runs[method] = run / train.OUT_FILE
+    seconds = {m: float((out / m / "seconds.txt").read_text()) for m in runs if (out / m / "seconds.txt").is_file()}
+    stage(2, "personalize", ", ".join(f"{m} {seconds.get(m, 0):.0f} s" for m in runs) + f" -> {out}/<method>/")
+    return runs
+
+
+def sample_and_score(args, base, runs, refs, cls, templates):
+    """Stages 3 and 4: the untrained quantized model and each personalized one, on the same prompts and seeds."""
+    ev = metrics.load_evaluators(args.clip, args.dino) if args.evaluate else None
+    rows, grids = {}, {}
+    for name, scales in [("untrained", None), *runs.items()]:
+        sd = ckpt.load_sd(base, device=args.device)
+        if scales is not None:
+            train.load_personalized(sd, scales, base_path=base)
+        sampling = dict(num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale)
+        if ev is not None:
+            scores, images, prompts = metrics.evaluate_subject(sd, ev, refs, cls, templates, args.token,
+                                                               args.n_images, args.seed, **sampling)
+        else:
+            import sample
+            images, prompts, scores = [], [], {}
+            for i, tpl in enumerate(templates):
+                images += sample.generate(sd, tpl.format(args.token, cls), seed=args.seed + i,
+                                          num_images_per_prompt=args.n_images, **sampling)
+                prompts += [" ".join(tpl.format("", cls).split())] * args.n_images
+        if scales is not None:
+            scores.update(trainable=sum(v.numel() for v in load_file(scales).values()),
+                          file_mib=scales.stat().st_size / 2**20)
+        rows[name], grids[name] = scores, [(images[i], prompts[i]) for i in range(0, len(images), args.n_images)]
+    stage(3, "sample", f"{len(rows)} models x {len(templates)} prompts x {args.n_images} images")
+    if ev is not None:
+        stage(4, "evaluate", "  ".join(f"{n} CLIP-I {r['clip_i']:.3f} DINO {r['dino']:.3f}" for n, r in rows.items()))
+    else:
+        stage(4, "evaluate", "skipped: give --clip and --dino folders to score a real model")
+    return rows, grids
+
+
+def report(args, out, rows, grids, refs, subject, cls, seconds):
+    """Stage 5: report.md (settings, table, grid) and report.png (references, then each model's first samples)."""
+    cols = min(6, len(next(iter(grids.values()))))
+    cells = [(im, f"reference {i}") for i, im in enumerate(refs[:cols])]
+    cells += [(Image.new("RGB", (8, 8), "white"), "")] * (cols - len(cells))
+    for name, g in grids.items():
+        cells += [(im, f"{name}: {p}") for im, p in g[:cols]]
+    world.grid(cells, cols=cols).save(out / "report.png")
+    keys = [k for k in ("clip_i", "local_clip_i", "clip_t", "dino") if k in next(iter(rows.values()))]
+    lines = [f"# qdp report: {subject} ({cls})", "",
+             f"Base `{args.ckpt}` quantized W{args.wbits}A{args.abits}; DreamBooth with prior preservation on the "
+             f"scales only; {len(grids['untrained'])} prompts x {args.n_images} images, {args.num_inference_steps} "
+             f"DDIM steps, guidance {args.guidance_scale}, seed {args.seed}. Total {seconds / 60:.1f} min.", ""]
+    if keys:
+        lines += ["| model | " + " | ".join(keys) + " | trainable | file |", "|---" * (len(keys) + 3) + "|"]
+        for name, r in rows.items():
+            extra = [f"{r['trainable']:,}", f"{r['file_mib']:.2f} MiB"] if "trainable" in r else ["-", "-"]
+            lines.append(f"| {name} | " + " | ".join(f"{r[k]:.3f}" for k in keys) + " | " + " | ".join(extra) + " |")
+    lines += ["", "![samples](report.png)", ""]
+    (out / "report.md").write_text("\n".join(lines))
+    (out / "report.json").write_text(json.dumps(rows, indent=2))
+    stage(5, "report", f"{out / 'report.md'} and {out / 'report.png'}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Quantize SD v1, personalize it by its scales (baseline, S1, S2), "
+                                "sample, evaluate and report; the toy world by default.")
+    p.add_argument("--ckpt", default=str(ckpt.TOY_CKPT), help="FP SD v1 checkpoint (default: the toy model)")
+    p.add_argument("--subject", default="dog_patch", help="toy subject (assets/toy/dreambooth) when no "
+                   "--instance_data_dir is given")
+    p.add_argument("--instance_data_dir", default=None, help="folder of 3-6 photos of your subject")
+    p.add_argument("--class_name", default=None, help="with --instance_data_dir: the subject's class, e.g. dog")
+    p.add_argument("--token", default="sks", help="the rare identifier")
+    p.add_argument("--methods", default="baseline,s1,s2", help=f"comma-separated, of {', '.join(METHODS)}")
+    p.add_argument("--wbits", type=int, choices=[4, 8], default=4)
+    p.add_argument("--abits", type=int, choices=[8, 32], default=8)
+    p.add_argument("--quant_iters", type=int, default=None, help="AdaRound and activation-step "
+                   "iterations per block (default: quant.py's preset for the model)")
+    p.add_argument("--max_train_steps", type=int, default=None, help="default: train.py's for the model")
+    p.add_argument("--num_class_images", type=int, default=None, help="default: 20 on the toy model, 100 on SD")
+    p.add_argument("--n_prompts", type=int, default=None, help="evaluation templates (default: every third of "
+                   "the 25 on the toy model, all 25 on SD)")
+    p.add_argument("--n_images", type=int, default=None, help="images per prompt (default 2 toy, 4 SD)")
+    p.add_argument("--num_inference_steps", type=int, default=50)
+    p.add_argument("--guidance_scale", type=float, default=7.5)
+    p.add_argument("--clip", default=None, help="local CLIP ViT-B/32 folder (default: the toy evaluator)")
+    p.add_argument("--dino", default=None, help="local DINO ViT-S/16 folder (default: the toy evaluator)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default="runs/qdp", help="output folder; a rerun reuses its finished stages")
+    args = p.parse_args(argv)
+    args.methods = args.methods.split(",")
+    bad = [m for m in args.methods if m not in METHODS]
+    if bad:
+        p.error(f"unknown --methods {', '.join(bad)}; choose from {', '.join(METHODS)}")
+    if not Path(args.ckpt).exists():
+        p.error(f"--ckpt {args.ckpt} does not exist; give an SD v1 checkpoint file or diffusers folder")
+    if (args.instance_data_dir is None) != (args.class_name is None):
+        p.error("--instance_data_dir and --class_name go together, e.g. --instance_data_dir photos --class_name dog")
+    if args.instance_data_dir and not Path(args.instance_data_dir).is_dir():
+        p.error(f"--instance_data_dir {args.instance_data_dir} is not a folder")
+    if (args.clip is None) != (args.dino is None):
+        p.error("give both --clip and --dino folders, or neither for the toy evaluators")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("CUDA is not available here; use --device cpu")
+    for name in ("n_prompts", "n_images", "num_class_images", "max_train_steps", "quant_iters"):
+        if getattr(args, name) is not None and getattr(args, name) < (0 if name == "quant_iters" else 1):
+            p.error(f"--{name} must be at least 1")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t0, out = time.time(), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    toy_model = ckpt.load_sd(args.ckpt).unet.config == unet_lib.toy()
+    # the subject: a toy one, or the user's photos; the prompts: DreamBooth's templates for its class
+    root, classes, objects, live = metrics.dataset_subjects(TOY_DATASET)
+    if args.instance_data_dir:
+        subject_dir, cls, subject = Path(args.instance_data_dir), args.class_name, Path(args.instance_data_dir).name
+    elif args.subject in classes:
+        subject_dir, cls, subject = root / args.subject, classes[args.subject], args.subject
+    else:
+        sys.exit(f"error: no toy subject {args.subject!r}; choose from {', '.join(classes)}, "
+                 "or give --instance_data_dir and --class_name")
+    templates = metrics.templates_for(cls, objects, live)
+    templates = templates[::3] if toy_model and args.n_prompts is None else templates
+    templates = templates[:args.n_prompts]
+    args.n_images = args.n_images or (2 if toy_model else 4)
+    args.num_class_images = args.num_class_images or (20 if toy_model else 100)
+    args.evaluate = toy_model or args.clip is not None
+    refs = metrics.read_images(subject_dir)
+    try:
+        base = quantize(args, out)
+        runs = personalize(args, base, out, subject_dir, cls)
+    except (train.TrainingError, ckpt.CheckpointError) as e:
+        sys.exit(f"error: {e}")
+    rows, grids = sample_and_score(args, base, runs, refs, cls, templates)
+    report(args, out, rows, grids, refs, subject, cls, time.time() - t0)
+    print(f"done in {(time.time() - t0) / 60:.1f} min: {out / 'report.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,403 @@
+"""The studies of Ryu et al. (arXiv 2401.04339, TuneQDM) rerun in the toy world: each is one command that trains with
+train.py, scores with eval.py (CLIP-I, local CLIP-I, CLIP-T, DINO, after DreamBooth, arXiv 2208.12242) and writes
+a table, a plot and its section of the README.
+
+1. tradeoff: subject fidelity (CLIP-I, DINO) and prompt fidelity (CLIP-T) against training steps for the PEQA
+   baseline (arXiv 2305.14152), with and without DreamBooth's prior preservation.
+2. main: full-precision DreamBooth, the baseline, S1 (selective), S2 (4 experts) and S1+S2 on the toy model
+   quantized W4A8 and W8A8 (quant.py's fast preset): the four metrics, trainable numbers, file size, peak memory
+   and time of a training run.
+3. experts: S2 with 1, 2, 4 and 8 experts.
+Every run covers all toy subjects; means come with 95% bootstrap intervals over subjects. The prompts are every
+third of the 25 DreamBooth templates (9: backgrounds and property changes, accessories for the dog and cat), two
+images each, 50 DDIM steps, guidance 7.5. This file only schedules runs and draws their tables and plots, which
+belong neither in the training nor in the metric code; that is why it stands apart.
+
+    python studies.py tradeoff             # ~30 min on 2 CPU cores
+    python studies.py main                 # ~60 min
+    python studies.py experts              # ~15 min after main (shared runs are reused)
+Runs are cached in runs/studies/ (rerun to resume; delete a folder to redo it). `--workers 2` (the default) runs two
+single-threaded jobs side by side: for models this small that is twice the throughput of one job on two threads.
+"""
+import argparse
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import ckpt
+import eval as metrics
+import train
+
+ROOT = Path(__file__).resolve().parent
+DATASET = ROOT / "assets" / "toy" / "dreambooth"
+README = ROOT / "README.md"
+BASES = {"fp": None, "w4a8": ["--wbits", "4", "--abits", "8"], "w8a8": ["--wbits", "8", "--abits", "8"]}
+# method -> train.py flags; S1's interval is train.content_interval(), S2's experts split t uniformly
+METHODS = {"full": ["--method", "full"], "peqa": [], "s1": ["--t_range", "content"], "s2": ["--n_experts", "4"],
+           "s1+s2": ["--t_range", "content", "--n_experts", "4"],
+           **{f"s2x{k}": ["--n_experts", str(k)] for k in (1, 2, 8)}}
+METRICS = ("clip_i", "local_clip_i", "clip_t", "dino")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# jobs: one subject, one base model, one method; each runs in a worker process and caches its scores on disk
+
+
+def base_path(base, out):
+    """The base model file: the toy FP checkpoint, or the toy model quantized by quant.py's fast preset (made once)."""
+    if base == "fp":
+        return ckpt.TOY_CKPT
+    if base == "w4a8":
+        return train.default_quantized()                 # shared with train.py's own default
+    path = Path(out) / f"toy_{base}.safetensors"
+    if not path.is_file():
+        import quant
+        quant.main([*BASES[base], "--preset", "fast", "--out", str(path)])
+    return path
+
+
+def class_dir(out, base, cls):
+    return Path(out) / "class" / base / cls
+
+
+def make_class_images(spec):
+    """The prior's class images of one class, drawn by one base model (DreamBooth draws them with the model it tunes)."""
+    torch.set_num_threads(1)
+    sd = ckpt.load_sd(spec["base_file"])
+    with quiet(Path(spec["dir"]) / "log.txt"):
+        train.generate_class_images(sd, f"a photo of a {spec['cls']}", spec["dir"], spec["n"], seed=0)
+    return spec["cls"]
+
+
+@contextlib.contextmanager
+def quiet(log):
+    """A worker's progress bars and prints go to its log file, not into the parent's terminal."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        yield
+
+
+_EV = None
+
+
+def score(sd, subject, cls, settings):
+    """eval.py's protocol scores of one subject: every third template, `n_images` each."""
+    global _EV
+    _EV = _EV or metrics.load_evaluators()
+    root, _, objects, live = metrics.dataset_subjects(DATASET)
+    templates = metrics.templates_for(cls, objects, live)[::3][:settings["n_prompts"]]
+    scores, _, _ = metrics.evaluate_subject(sd, _EV, metrics.read_images(root / subject), cls, templates, "sks",
+                                            settings["n_images"], settings["seed"],
+                                            num_inference_steps=settings["num_inference_steps"], guidance_scale=7.5)
+    return scores
+
+
+def run_job(spec):
+    """Train `spec["subject"]` with `spec["flags"]` up to each of `spec["steps"]` in turn (a resumed run equals an
+    uninterrupted one, train.py's guarantee) and score the model after each; step 0 scores the untrained base.
+    Returns {step: scores + train_seconds}; every finished step is cached in the run folder."""
+    torch.set_num_threads(1)
+    run, results = Path(spec["dir"]), {}
+    with quiet(run / "log.txt"):
+        for n in spec["steps"]:
+            cached = run / f"scores_{n}.json"
+            if cached.is_file() and json.loads(cached.read_text()).get("settings") == spec["settings"]:
+                results[n] = json.loads(cached.read_text())
+                continue
+            t0, scales = time.time(), None
+            state = run / train.STATE_FILE
+            if n > 0 and state.is_file() and int(safe_open(str(state), "pt").metadata()["step"]) > n:
+                raise RuntimeError(f"{run} has trained past step {n} without scoring it; delete the folder")
+            if n > 0:
+                args = ["--ckpt", str(spec["base_file"]), "--instance_data_dir", str(DATASET / spec["subject"]),
+                        "--instance_prompt", f"a photo of sks {spec['cls']}", "--output_dir", str(run),
+                        "--max_train_steps", str(n), "--seed", str(spec["settings"]["seed"]), *spec["flags"]]
+                if spec["prior"]:
+                    args += ["--with_prior_preservation", "--class_prompt", f"a photo of a {spec['cls']}",
+                             "--class_data_dir", str(spec["class_dir"]),
+                             "--num_class_images", str(spec["settings"]["num_class_images"])]
+                if state.is_file():
+                    args.append("--resume")
+                scales, _ = train.train(train.parse_args(args))
+            seconds = time.time() - t0
+            sd = ckpt.load_sd(spec["base_file"])
+            if scales is not None:
+                train.load_personalized(sd, scales, base_path=spec["base_file"])
+            r = {**score(sd, spec["subject"], spec["cls"], spec["settings"]), "train_seconds": seconds,
+                 "settings": spec["settings"]}
+            if scales is not None:
+                r["trainable"] = sum(v.numel() for v in load_file(scales).values())
+                r["file_mib"] = scales.stat().st_size / 2**20
+            cached.write_text(json.dumps(r, indent=2))
+            results[n] = r
+    return spec["subject"], spec["name"], results
+
+
+def run_jobs(jobs, workers):
+    """Jobs in a pool of single-threaded workers (spawned: a clean torch in each); results in submission order."""
+    if workers <= 1:
+        return [run_job(j) for j in jobs]
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(run_job, j) for j in jobs]
+        done = []
+        for k, f in enumerate(futures):
+            done.append(f.result())
+            print(f"  {k + 1}/{len(jobs)} {done[-1][1]} {done[-1][0]}", flush=True)
+        return done
+
+
+def prepare_bases(bases, subjects, classes, args):
+    """Base files and class images for every base model used, made before any job starts (no two jobs race)."""
+    files = {b: base_path(b, args.out) for b in bases}
+    specs = [dict(base_file=str(files[b]), cls=c, n=args.num_class_images, dir=str(class_dir(args.out, b, c)))
+             for b in bases for c in sorted({classes[s] for s in subjects})]
+    if args.workers > 1:
+        with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
+            list(pool.map(make_class_images, specs))
+    else:
+        [make_class_images(s) for s in specs]
+    return files
+
+
+def jobs_for(variants, subjects, classes, files, args, folder="runs"):
+    """variants: {name: (base, method, prior, steps)} -> job specs; the run folder is named by what it trains, so
+    two studies that need the same run share it (the trade-off's runs, scored on the way, live apart)."""
+    settings = {k: getattr(args, k) for k in ("n_prompts", "n_images", "num_inference_steps", "seed",
+                                              "num_class_images")}
+    jobs = []
+    for s in subjects:
+        for name, (base, method, prior, steps) in variants.items():
+            tag = f"{base}-{method}" + ("" if prior else "-noprior")
+            jobs.append(dict(name=name, subject=s, cls=classes[s], base_file=str(files[base]), flags=METHODS[method],
+                             prior=prior, steps=steps, settings=settings, dir=str(Path(args.out) / folder / tag / s),
+                             class_dir=str(class_dir(args.out, base, classes[s]))))
+    return jobs
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# tables, plots and the README
+
+
+def cell(values, fmt="{:.3f}"):
+    mean, lo, hi = metrics.confidence_interval(values)
+    return f"{fmt.format(mean)} ({fmt.format(lo)}-{fmt.format(hi)})"
+
+
+def write_readme(name, block):
+    """Replace the README's text between <!-- study:NAME --> and <!-- /study:NAME --> with `block`."""
+    text = README.read_text()
+    pattern = re.compile(rf"(<!-- study:{name} -->\n).*?(<!-- /study:{name} -->)", re.S)
+    if not pattern.search(text):
+        print(f"README.md has no <!-- study:{name} --> markers; the section is in the study folder only")
+        return
+    README.write_text(pattern.sub(lambda m: m.group(1) + block + "\n" + m.group(2), text))
+    print(f"updated the {name} section of README.md")
+
+
+def pyplot():
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        print("matplotlib is not installed (pip install matplotlib): no plot, the table only")
+        return None
+
+
+def peak_memory(base, flags, subject, cls, args, steps=5):
+    """Peak resident memory (MiB) of a short train.py run in a process of its own (os.wait4 reads its peak)."""
+    out = Path(args.out) / "memory" / re.sub(r"\W+", "_", " ".join([base, *flags]))
+    cmd = [sys.executable, str(ROOT / "train.py"), "--ckpt", str(base_path(base, args.out)), "--instance_data_dir",
+           str(DATASET / subject), "--instance_prompt", f"a photo of sks {cls}", "--with_prior_preservation",
+           "--class_prompt", f"a photo of a {cls}", "--class_data_dir", str(class_dir(args.out, base, cls)),
+           "--num_class_images", str(args.num_class_images), "--max_train_steps", str(steps), "--output_dir",
+           str(out), *flags, *(["--resume"] if (out / train.STATE_FILE).is_file() else [])]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    _, status, usage = os.wait4(p.pid, 0)
+    if status != 0:
+        raise RuntimeError(f"memory run failed: {' '.join(cmd)}")
+    return usage.ru_maxrss / 1024                           # Linux reports KiB
+
+
+def save_plot(fig, name, args):
+    path = Path(args.out) / name / "plot.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    if not args.readme:
+        return str(path)
+    (ROOT / "docs").mkdir(exist_ok=True)
+    fig.savefig(ROOT / "docs" / f"study_{name}.png", dpi=110, bbox_inches="tight")
+    return f"docs/study_{name}.png"
+
+
+def finish(name, table, results, args, t0, plot):
+    """Write results.json and table.md, and the README section: the table, the plot and the command."""
+    folder = Path(args.out) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.json").write_text(json.dumps(results, indent=2))
+    minutes = (time.time() - t0) / 60
+    command = "python studies.py " + " ".join(sys.argv[1:])
+    block = (f"{table}\n\n" + (f"![{name}]({plot})\n\n" if plot else "")
+             + f"`{command}`: {len(results)} subjects, {minutes:.0f} min on this 2-core CPU.\n")
+    (folder / "table.md").write_text(block)
+    print(block)
+    if args.readme:
+        write_readme(name, block)
+
+
+def per_subject(done):
+    """[(subject, variant, {step: scores})] -> {subject: {variant: {step: scores}}}."""
+    out = {}
+    for subject, name, steps in done:
+        out.setdefault(subject, {})[name] = {str(k): v for k, v in steps.items()}
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the studies
+
+
+def study_tradeoff(args, subjects, classes):
+    """Study 1: the baseline's subject and prompt fidelity against training steps, with and without the prior."""
+    t0, steps = time.time(), [int(s) for s in args.steps.split(",")]
+    files = prepare_bases(["w4a8"], subjects, classes, args)
+    variants = {"prior": ("w4a8", "peqa", True, [0, *steps]), "no prior": ("w4a8", "peqa", False, steps)}
+    results = per_subject(run_jobs(jobs_for(variants, subjects, classes, files, args, "curves"), args.workers))
+
+    def column(variant, step, k):
+        src = "prior" if step == 0 else variant                 # step 0 is the untrained base, shared
+        return [results[s][src][str(step)][k] for s in subjects]
+
+    keys = ("clip_i", "dino", "clip_t")
+    head = "| steps | " + " | ".join(f"{v}: {k}" for v in variants for k in keys) + " |"
+    rows = [head, "|---" * (1 + 2 * len(keys)) + "|"]
+    rows += [f"| {n} | " + " | ".join(cell(column(v, n, k)) for v in variants for k in keys) + " |"
+             for n in [0, *steps]]
+    plot, plt = None, pyplot()
+    if plt:
+        fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
+        for v, style in zip(variants, ("-o", "--s")):
+            x = [0, *steps]
+            for ax, k in zip(axes[:3], keys):
+                stats = [metrics.confidence_interval(column(v, n, k)) for n in x]
+                ax.plot(x, [m for m, _, _ in stats], style, label=v)
+                ax.fill_between(x, [lo for _, lo, _ in stats], [hi for _, _, hi in stats], alpha=0.15)
+                ax.set(xlabel="training steps", title=k.replace("_", "-").upper())
+            ci = [sum(column(v, n, "clip_i")) / len(subjects) for n in x]
+            ct = [sum(column(v, n, "clip_t")) / len(subjects) for n in x]
+            axes[3].plot(ci, ct, style, label=v)
+            for n, a, b in zip(x, ci, ct):
+                axes[3].annotate(str(n), (a, b), fontsize=7)
+        axes[3].set(xlabel="CLIP-I (subject)", ylabel="CLIP-T (prompt)", title="the trade-off, by step")
+        axes[0].legend()
+        fig.tight_layout()
+        plot = save_plot(fig, "tradeoff", args)
+    finish("tradeoff", "\n".join(rows), results, args, t0, plot)
+
+
+def study_methods(args, subjects, classes, name, variants, label):
+    """Studies 2 and 3: one trained model per variant and subject, scored after --train_steps (the toy default)."""
+    t0 = time.time()
+    bases = sorted({b for b, *_ in variants.values()})
+    files = prepare_bases(bases, subjects, classes, args)
+    results = per_subject(run_jobs(jobs_for(variants, subjects, classes, files, args), args.workers))
+    memory = {}
+    if args.memory:                                          # one process per method, one after another
+        s = subjects[0]
+        for v, (base, method, _, _) in variants.items():
+            memory[v] = peak_memory(base, METHODS[method], s, classes[s], args)
+    head = f"| {label} | CLIP-I | local CLIP-I | CLIP-T | DINO | trainable | file | peak RSS | train time |"
+    rows = [head, "|---" * 9 + "|"]
+    points = {}
+    for v, (_, _, _, steps) in variants.items():
+        for n in steps:
+            scores = [results[s][v][str(n)] for s in subjects]
+            row = v if n else f"{v.split(' ')[0]} untrained"
+            if n == 0:
+                extra = ["-", "-", "-", "-"]
+            else:
+                extra = [f"{scores[0]['trainable']:,}", f"{scores[0]['file_mib']:.2f} MiB",
+                         f"{memory[v]:.0f} MiB" if v in memory else "-",
+                         f"{sum(r['train_seconds'] for r in scores) / len(scores):.0f} s"]
+                points[v] = scores
+            rows.append(f"| {row} | " + " | ".join(cell([r[k] for r in scores]) for k in METRICS)
+                        + " | " + " | ".join(extra) + " |")
+    plot, plt = None, pyplot()
+    if plt:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        for v, scores in points.items():
+            for ax, k in zip(axes, ("clip_i", "dino")):
+                (mx, lx, hx), (my, ly, hy) = (metrics.confidence_interval([r[m] for r in scores])
+                                              for m in (k, "clip_t"))
+                ax.errorbar(mx, my, xerr=[[mx - lx], [hx - mx]], yerr=[[my - ly], [hy - my]], fmt="o", capsize=3,
+                            label=v)
+                ax.set(xlabel=k.replace("_", "-").upper() + " (subject)", ylabel="CLIP-T (prompt)")
+        axes[1].legend(fontsize=7)
+        fig.tight_layout()
+        plot = save_plot(fig, name, args)
+    finish(name, "\n".join(rows), results, args, t0, plot)
+
+
+def study_main(args, subjects, classes):
+    n = args.train_steps
+    variants = {"FP DreamBooth (full)": ("fp", "full", True, [0, n])}
+    for base in ("w4a8", "w8a8"):
+        for k, method in enumerate(("peqa", "s1", "s2", "s1+s2")):
+            variants[f"{base.upper()} {method}"] = (base, method, True, [0, n] if k == 0 else [n])
+    study_methods(args, subjects, classes, "main", variants, "model / method")
+
+
+def study_experts(args, subjects, classes):
+    variants = {f"{k} expert{'s' if k > 1 else ''}": ("w4a8", {1: "peqa", 4: "s2"}.get(k, f"s2x{k}"), True,
+                                                       [args.train_steps])
+                for k in (1, 2, 4, 8)}
+    study_methods(args, subjects, classes, "experts", variants, "S2, W4A8")
+
+
+STUDIES = {"tradeoff": study_tradeoff, "main": study_main, "experts": study_experts}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="The paper's studies in the toy world: tables, plots, README sections.")
+    p.add_argument("study", choices=sorted(STUDIES))
+    p.add_argument("--subjects", default="all", help="comma-separated toy subjects (default: all 10)")
+    p.add_argument("--workers", type=int, default=2, help="single-threaded jobs side by side")
+    p.add_argument("--out", default="runs/studies", help="cache of runs, scores and class images")
+    p.add_argument("--steps", default="50,100,200,400", help="tradeoff: training steps to score at")
+    p.add_argument("--train_steps", type=int, default=200, help="main/experts: steps per run (train.py's toy default)")
+    p.add_argument("--n_prompts", type=int, default=9, help="of the every-third templates (9 at most)")
+    p.add_argument("--n_images", type=int, default=2, help="images per prompt")
+    p.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps per image")
+    p.add_argument("--num_class_images", type=int, default=20, help="class images for the prior, per class")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="main/experts: measure each method's peak memory in a process of its own")
+    p.add_argument("--readme", action=argparse.BooleanOptionalAction, default=True,
+                   help="write the table and plot into README.md (and docs/)")
+    args = p.parse_args(argv)
+    _, classes, _, _ = metrics.dataset_subjects(DATASET)
+    subjects = list(classes) if args.subjects == "all" else args.subjects.split(",")
+    unknown = [s for s in subjects if s not in classes]
+    if unknown:
+        p.error(f"unknown subjects {', '.join(unknown)}; the toy subjects are {', '.join(classes)}")
+    if args.workers < 1 or args.n_images < 1 or not 1 <= args.n_prompts <= 9:
+        p.error("--workers and --n_images must be >= 1, --n_prompts in 1..9")
+    torch.set_num_threads(1 if args.workers > 1 else torch.get_num_threads())
+    STUDIES[args.study](args, subjects, classes)
+
+
+if __name__ == "__main__":
+    main()

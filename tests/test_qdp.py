@@ -1,0 +1,42 @@
+"""qdp.py end to end on the toy model, every stage shortened: quantize, personalize three ways, sample, score, report."""
+import pytest
+
+import qdp
+
+FAST = ["--quant_iters", "1", "--max_train_steps", "2", "--num_inference_steps", "2", "--n_prompts", "2",
+        "--n_images", "1", "--num_class_images", "1"]
+
+
+def test_end_to_end_and_rerun_reuses_the_stages(tmp_path, capsys):
+    out = tmp_path / "qdp"
+    qdp.main(["--out", str(out), "--subject", "vase_heart", *FAST])
+    log = capsys.readouterr().out
+    assert all(f"[{k}/5]" in log for k in range(1, 6))
+    report = (out / "report.md").read_text()
+    for row in ("| untrained |", "| baseline |", "| s1 |", "| s2 |"):
+        assert row in report
+    assert (out / "report.png").stat().st_size > 0
+    files = {m: out / m / "personalized.safetensors" for m in ("baseline", "s1", "s2")}
+    stamps = {m: f.stat().st_mtime_ns for m, f in files.items()}
+    base = out / "quantized_w4a8.safetensors"
+    base_stamp = base.stat().st_mtime_ns
+    qdp.main(["--out", str(out), "--subject", "vase_heart", *FAST])            # a rerun trains nothing again
+    assert base.stat().st_mtime_ns == base_stamp
+    assert {m: f.stat().st_mtime_ns for m, f in files.items()} == stamps
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--instance_data_dir", "."], "--instance_data_dir and --class_name go together"),
+    (["--methods", "baseline,s3"], "unknown --methods s3"),
+    (["--clip", "somewhere"], "give both --clip and --dino"),
+    (["--ckpt", "missing.safetensors"], "does not exist"),
+])
+def test_bad_flags_stop_with_one_line(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        qdp.parse_args(flags)
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_subject_names_the_choices(tmp_path):
+    with pytest.raises(SystemExit, match="choose from .*dog_patch"):
+        qdp.main(["--out", str(tmp_path), "--subject", "unicorn"])

@@ -1,0 +1,47 @@
+"""studies.py: a shortened trade-off study end to end, its cache, and the README section it writes."""
+import json
+
+import pytest
+
+import quant
+import studies
+
+
+@pytest.fixture(scope="module")
+def quick_base(tmp_path_factory):
+    """The toy model quantized W4A8 with one AdaRound iteration per block: enough to train and sample."""
+    path = tmp_path_factory.mktemp("base") / "w4a8.safetensors"
+    quant.main(["--wbits", "4", "--abits", "8", "--iters", "1", "--act_iters", "1", "--n_prompts", "2",
+                "--num_inference_steps", "4", "--out", str(path)])
+    return path
+
+
+def test_tradeoff_study_writes_its_table_and_resumes(quick_base, tmp_path, monkeypatch):
+    monkeypatch.setattr(studies, "base_path", lambda base, out: quick_base)
+    argv = ["tradeoff", "--subjects", "mug_star", "--steps", "1,2", "--n_prompts", "1", "--n_images", "1",
+            "--num_inference_steps", "2", "--num_class_images", "1", "--workers", "1", "--out", str(tmp_path),
+            "--no-readme"]
+    studies.main(argv)
+    table = (tmp_path / "tradeoff" / "table.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [r.split(" | ")[0] for r in rows] == ["| 0", "| 1", "| 2"]
+    results = json.loads((tmp_path / "tradeoff" / "results.json").read_text())
+    assert set(results["mug_star"]) == {"prior", "no prior"}
+    assert set(results["mug_star"]["prior"]) == {"0", "1", "2"}
+    run = tmp_path / "curves" / "w4a8-peqa" / "mug_star"
+    stamp = (run / "scores_2.json").stat().st_mtime_ns
+    studies.main(argv)                                               # cached: nothing is trained or scored again
+    assert (run / "scores_2.json").stat().st_mtime_ns == stamp
+    (run / "scores_1.json").unlink()                                 # step 1 is gone but the run is at step 2
+    with pytest.raises(RuntimeError, match="trained past step 1"):
+        studies.main(argv)
+
+
+def test_readme_section_is_replaced_between_its_markers(tmp_path, monkeypatch):
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- study:main -->\nold table\n<!-- /study:main -->\nafter\n")
+    monkeypatch.setattr(studies, "README", readme)
+    studies.write_readme("main", "| new | table |")
+    assert readme.read_text() == "intro\n<!-- study:main -->\n| new | table |\n<!-- /study:main -->\nafter\n"
+    studies.write_readme("tradeoff", "ignored")                     # no markers: the README is left alone
+    assert "ignored" not in readme.read_text()
