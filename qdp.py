@@ -9,7 +9,8 @@ TuneQDM at ECCV), one stage per module; this file only wires them:
   3. sample       sample.py  every model on the subject's evaluation prompts
   4. evaluate     eval.py    CLIP-I, local CLIP-I, CLIP-T and DINO against the subject's photos
   5. report       report.md with the table, and report.png with a grid of samples
-Rerunning with the same --out reuses every finished stage.
+Rerunning with the same --out reuses the quantized model and the trained scales (qdp.json checks that they were
+made with the same settings) and redoes sampling, scoring and the report.
 
     python qdp.py                                   # the toy world, subject dog_patch (about 8 min on 2 CPU cores)
     python qdp.py --subject vase_heart --out runs/qdp_vase
@@ -35,6 +36,19 @@ import world
 
 TOY_DATASET = Path(__file__).resolve().parent / "assets" / "toy" / "dreambooth"
 METHODS = {"baseline": [], "s1": ["--t_range", "content"], "s2": ["--n_experts", "4"]}
+
+
+def check_reuse(out, settings):
+    """A rerun reuses the quantized model and the trained scales in --out, so they must come from the same settings;
+    qdp.json records them. Sampling, scoring and the report are always redone."""
+    record = out / "qdp.json"
+    if record.is_file():
+        old = json.loads(record.read_text())
+        changed = sorted(k for k in settings if old.get(k) != settings[k])
+        if changed:
+            sys.exit(f"error: {out} holds a run made with other {', '.join(changed)}; pass another --out, or delete "
+                     f"{out} to start over")
+    record.write_text(json.dumps(settings, indent=2))
 
 
 def stage(k, name, line):
@@ -151,13 +165,14 @@ def parse_args(argv=None):
                    "iterations per block (default: quant.py's preset for the model)")
     p.add_argument("--max_train_steps", type=int, default=None, help="default: train.py's for the model")
     p.add_argument("--num_class_images", type=int, default=None, help="default: 20 on the toy model, 100 on SD")
-    p.add_argument("--n_prompts", type=int, default=None, help="evaluation templates (default: every third of "
-                   "the 25 on the toy model, all 25 on SD)")
+    p.add_argument("--n_prompts", type=int, default=None, help="the first N evaluation templates, of every "
+                   "third of the 25 on the toy model (9) or of all 25 on SD (default: all of them)")
     p.add_argument("--n_images", type=int, default=None, help="images per prompt (default 2 toy, 4 SD)")
     p.add_argument("--num_inference_steps", type=int, default=50)
     p.add_argument("--guidance_scale", type=float, default=7.5)
-    p.add_argument("--clip", default=None, help="local CLIP ViT-B/32 folder (default: the toy evaluator)")
-    p.add_argument("--dino", default=None, help="local DINO ViT-S/16 folder (default: the toy evaluator)")
+    p.add_argument("--clip", default=None, help="local CLIP ViT-B/32 folder (toy model: the toy evaluator by "
+                   "default; SD: without --clip and --dino the samples are drawn but not scored)")
+    p.add_argument("--dino", default=None, help="local DINO ViT-S/16 folder (see --clip)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="runs/qdp", help="output folder; a rerun reuses its finished stages")
@@ -178,7 +193,7 @@ def parse_args(argv=None):
         p.error("CUDA is not available here; use --device cpu")
     for name in ("n_prompts", "n_images", "num_class_images", "max_train_steps", "quant_iters"):
         if getattr(args, name) is not None and getattr(args, name) < (0 if name == "quant_iters" else 1):
-            p.error(f"--{name} must be at least 1")
+            p.error(f"--{name} must be at least {0 if name == 'quant_iters' else 1}")
     return args
 
 
@@ -197,18 +212,20 @@ def main(argv=None):
         sys.exit(f"error: no toy subject {args.subject!r}; choose from {', '.join(classes)}, "
                  "or give --instance_data_dir and --class_name")
     templates = metrics.templates_for(cls, objects, live)
-    templates = templates[::3] if toy_model and args.n_prompts is None else templates
-    templates = templates[:args.n_prompts]
+    templates = (templates[::3] if toy_model else templates)[:args.n_prompts]
     args.n_images = args.n_images or (2 if toy_model else 4)
     args.num_class_images = args.num_class_images or (20 if toy_model else 100)
     args.evaluate = toy_model or args.clip is not None
     refs = metrics.read_images(subject_dir)
+    check_reuse(out, {k: str(getattr(args, k)) for k in ("ckpt", "wbits", "abits", "quant_iters", "token",
+                                                         "max_train_steps", "num_class_images", "seed")}
+                | {"subject": str(subject_dir.resolve()), "class": cls})
     try:
         base = quantize(args, out)
         runs = personalize(args, base, out, subject_dir, cls)
+        rows, grids = sample_and_score(args, base, runs, refs, cls, templates)
     except (train.TrainingError, ckpt.CheckpointError) as e:
-        sys.exit(f"error: {e}")
-    rows, grids = sample_and_score(args, base, runs, refs, cls, templates)
+        sys.exit(f"error: {e} (qdp.py keeps its runs in {out}: delete it or pass another --out)")
     report(args, out, rows, grids, refs, subject, cls, time.time() - t0)
     print(f"done in {(time.time() - t0) / 60:.1f} min: {out / 'report.md'}")
 

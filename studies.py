@@ -8,6 +8,8 @@ a table, a plot and its section of the README.
    quantized W4A8 and W8A8 (quant.py's fast preset): the four metrics, trainable numbers, file size, peak memory
    and time of a training run.
 3. experts: S2 with 1, 2, 4 and 8 experts.
+4. intervals: the proof of concept behind S1: the baseline trained at the t of one fifth of 0..999 at a time, next
+   to all of t and to S1's content interval.
 Every run covers all toy subjects; means come with 95% bootstrap intervals over subjects. The prompts are every
 third of the 25 DreamBooth templates (9: backgrounds and property changes, accessories for the dog and cat), two
 images each, 50 DDIM steps, guidance 7.5. This file only schedules runs and draws their tables and plots, which
@@ -16,6 +18,7 @@ belong neither in the training nor in the metric code; that is why it stands apa
     python studies.py tradeoff             # ~30 min on 2 CPU cores
     python studies.py main                 # ~60 min
     python studies.py experts              # ~15 min after main (shared runs are reused)
+    python studies.py intervals            # ~35 min
 Runs are cached in runs/studies/ (rerun to resume; delete a folder to redo it). `--workers 2` (the default) runs two
 single-threaded jobs side by side: for models this small that is twice the throughput of one job on two threads.
 """
@@ -24,8 +27,10 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -46,7 +51,8 @@ BASES = {"fp": None, "w4a8": ["--wbits", "4", "--abits", "8"], "w8a8": ["--wbits
 # method -> train.py flags; S1's interval is train.content_interval(), S2's experts split t uniformly
 METHODS = {"full": ["--method", "full"], "peqa": [], "s1": ["--t_range", "content"], "s2": ["--n_experts", "4"],
            "s1+s2": ["--t_range", "content", "--n_experts", "4"],
-           **{f"s2x{k}": ["--n_experts", str(k)] for k in (1, 2, 8)}}
+           **{f"s2x{k}": ["--n_experts", str(k)] for k in (1, 2, 8)},
+           **{f"t{lo}-{lo + 199}": ["--t_range", f"{lo},{lo + 199}"] for lo in range(0, 1000, 200)}}
 METRICS = ("clip_i", "local_clip_i", "clip_t", "dino")
 
 
@@ -129,7 +135,10 @@ def run_job(spec):
                              "--num_class_images", str(spec["settings"]["num_class_images"])]
                 if state.is_file():
                     args.append("--resume")
-                scales, _ = train.train(train.parse_args(args))
+                try:
+                    scales, _ = train.train(train.parse_args(args))
+                except train.TrainingError as e:          # e.g. the cached run was made with another --seed
+                    raise RuntimeError(f"{e} [studies.py: delete {run} to redo this run]") from None
             seconds = time.time() - t0
             sd = ckpt.load_sd(spec["base_file"])
             if scales is not None:
@@ -217,18 +226,22 @@ def pyplot():
 
 
 def peak_memory(base, flags, subject, cls, args, steps=5):
-    """Peak resident memory (MiB) of a short train.py run in a process of its own (os.wait4 reads its peak)."""
-    out = Path(args.out) / "memory" / re.sub(r"\W+", "_", " ".join([base, *flags]))
+    """Peak resident memory (MiB) of a short, fresh train.py run in a process of its own (os.wait4 reads its peak)."""
+    out = Path(tempfile.mkdtemp(prefix="qdp_memory_"))
     cmd = [sys.executable, str(ROOT / "train.py"), "--ckpt", str(base_path(base, args.out)), "--instance_data_dir",
            str(DATASET / subject), "--instance_prompt", f"a photo of sks {cls}", "--with_prior_preservation",
            "--class_prompt", f"a photo of a {cls}", "--class_data_dir", str(class_dir(args.out, base, cls)),
            "--num_class_images", str(args.num_class_images), "--max_train_steps", str(steps), "--output_dir",
-           str(out), *flags, *(["--resume"] if (out / train.STATE_FILE).is_file() else [])]
+           str(out), *flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    _, status, usage = os.wait4(p.pid, 0)
+    with open(out / "log.txt", "w") as log:
+        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(p.pid, 0)
     if status != 0:
-        raise RuntimeError(f"memory run failed: {' '.join(cmd)}")
+        tail = (out / "log.txt").read_text().strip().splitlines()[-1:]
+        raise RuntimeError(f"the memory run failed ({' '.join(tail)}); see {out / 'log.txt'}, or skip it with "
+                           "--no-memory")
+    shutil.rmtree(out)
     return usage.ru_maxrss / 1024                           # Linux reports KiB
 
 
@@ -248,7 +261,11 @@ def finish(name, table, results, args, t0, plot):
     folder = Path(args.out) / name
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "results.json").write_text(json.dumps(results, indent=2))
-    minutes = (time.time() - t0) / 60
+    # the wall time of the run that scored something; a rerun that found everything cached keeps that figure
+    wall, fresh = folder / "wall.json", any(f.stat().st_mtime > t0 for f in Path(args.out).rglob("scores_*.json"))
+    if fresh or not wall.is_file():
+        wall.write_text(json.dumps({"minutes": (time.time() - t0) / 60}))
+    minutes = json.loads(wall.read_text())["minutes"]
     command = "python studies.py " + " ".join(sys.argv[1:])
     block = (f"{table}\n\n" + (f"![{name}]({plot})\n\n" if plot else "")
              + f"`{command}`: {len(results)} subjects, {minutes:.0f} min on this 2-core CPU.\n")
@@ -322,10 +339,10 @@ def study_methods(args, subjects, classes, name, variants, label):
     head = f"| {label} | CLIP-I | local CLIP-I | CLIP-T | DINO | trainable | file | peak RSS | train time |"
     rows = [head, "|---" * 9 + "|"]
     points = {}
-    for v, (_, _, _, steps) in variants.items():
+    for v, (base, _, _, steps) in variants.items():
         for n in steps:
             scores = [results[s][v][str(n)] for s in subjects]
-            row = v if n else f"{v.split(' ')[0]} untrained"
+            row = v if n else f"{base.upper()} untrained"
             if n == 0:
                 extra = ["-", "-", "-", "-"]
             else:
@@ -367,7 +384,16 @@ def study_experts(args, subjects, classes):
     study_methods(args, subjects, classes, "experts", variants, "S2, W4A8")
 
 
-STUDIES = {"tradeoff": study_tradeoff, "main": study_main, "experts": study_experts}
+def study_intervals(args, subjects, classes):
+    """S1's proof of concept: the baseline trained on one fifth of the timesteps at a time, next to all of t and to
+    S1's content interval; what each interval adds to subject fidelity and costs in prompt fidelity."""
+    variants = {"all t (baseline)": ("w4a8", "peqa", True, [0, args.train_steps])}
+    variants.update({f"t {m[1:]}": ("w4a8", m, True, [args.train_steps]) for m in METHODS if m.startswith("t")})
+    variants["S1 content (354-933)"] = ("w4a8", "s1", True, [args.train_steps])
+    study_methods(args, subjects, classes, "intervals", variants, "t trained")
+
+
+STUDIES = {"tradeoff": study_tradeoff, "main": study_main, "experts": study_experts, "intervals": study_intervals}
 
 
 def main(argv=None):
@@ -377,7 +403,8 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=2, help="single-threaded jobs side by side")
     p.add_argument("--out", default="runs/studies", help="cache of runs, scores and class images")
     p.add_argument("--steps", default="50,100,200,400", help="tradeoff: training steps to score at")
-    p.add_argument("--train_steps", type=int, default=200, help="main/experts: steps per run (train.py's toy default)")
+    p.add_argument("--train_steps", type=int, default=200, help="main/experts/intervals: steps per run (train.py's "
+                   "toy default)")
     p.add_argument("--n_prompts", type=int, default=9, help="of the every-third templates (9 at most)")
     p.add_argument("--n_images", type=int, default=2, help="images per prompt")
     p.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps per image")

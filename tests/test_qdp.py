@@ -23,6 +23,8 @@ def test_end_to_end_and_rerun_reuses_the_stages(tmp_path, capsys):
     qdp.main(["--out", str(out), "--subject", "vase_heart", *FAST])            # a rerun trains nothing again
     assert base.stat().st_mtime_ns == base_stamp
     assert {m: f.stat().st_mtime_ns for m, f in files.items()} == stamps
+    with pytest.raises(SystemExit, match="other class, subject; pass another --out"):   # nothing stale is reused
+        qdp.main(["--out", str(out), "--subject", "dog_patch", *FAST])
 
 
 @pytest.mark.parametrize("flags, message", [
