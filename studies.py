@@ -256,13 +256,14 @@ def save_plot(fig, name, args):
     return f"docs/study_{name}.png"
 
 
-def finish(name, table, results, args, t0, plot):
+def finish(name, table, results, args, t0, plot, jobs):
     """Write results.json and table.md, and the README section: the table, the plot and the command."""
     folder = Path(args.out) / name
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "results.json").write_text(json.dumps(results, indent=2))
     # the wall time of the run that scored something; a rerun that found everything cached keeps that figure
-    wall, fresh = folder / "wall.json", any(f.stat().st_mtime > t0 for f in Path(args.out).rglob("scores_*.json"))
+    wall = folder / "wall.json"
+    fresh = any(f.stat().st_mtime > t0 for j in jobs for f in Path(j["dir"]).glob("scores_*.json"))
     if fresh or not wall.is_file():
         wall.write_text(json.dumps({"minutes": (time.time() - t0) / 60}))
     minutes = json.loads(wall.read_text())["minutes"]
@@ -287,85 +288,113 @@ def per_subject(done):
 # the studies
 
 
+def delta(after, before):
+    """Paired change over subjects: mean, 95% bootstrap interval, and how many subjects went up."""
+    d = [a - b for a, b in zip(after, before)]
+    mean, lo, hi = metrics.confidence_interval(d)
+    return mean, lo, hi, sum(x > 0 for x in d)
+
+
+def delta_cell(after, before):
+    mean, lo, hi, up = delta(after, before)
+    return f"{mean:+.3f} ({lo:+.3f} to {hi:+.3f}), {up}/{len(after)} up"
+
+
 def study_tradeoff(args, subjects, classes):
-    """Study 1: the baseline's subject and prompt fidelity against training steps, with and without the prior."""
+    """Study 1: the baseline's subject and prompt fidelity against training steps, with and without the prior.
+    The untrained row holds the means; the others the paired change from it, subject by subject."""
     t0, steps = time.time(), [int(s) for s in args.steps.split(",")]
     files = prepare_bases(["w4a8"], subjects, classes, args)
     variants = {"prior": ("w4a8", "peqa", True, [0, *steps]), "no prior": ("w4a8", "peqa", False, steps)}
-    results = per_subject(run_jobs(jobs_for(variants, subjects, classes, files, args, "curves"), args.workers))
+    jobs = jobs_for(variants, subjects, classes, files, args, "curves")
+    results = per_subject(run_jobs(jobs, args.workers))
 
     def column(variant, step, k):
         src = "prior" if step == 0 else variant                 # step 0 is the untrained base, shared
         return [results[s][src][str(step)][k] for s in subjects]
 
     keys = ("clip_i", "dino", "clip_t")
-    head = "| steps | " + " | ".join(f"{v}: {k}" for v in variants for k in keys) + " |"
-    rows = [head, "|---" * (1 + 2 * len(keys)) + "|"]
-    rows += [f"| {n} | " + " | ".join(cell(column(v, n, k)) for v in variants for k in keys) + " |"
-             for n in [0, *steps]]
+    names = {"clip_i": "CLIP-I", "dino": "DINO", "clip_t": "CLIP-T", "local_clip_i": "local CLIP-I"}
+    rows = ["| steps | " + " | ".join(f"{v}: {names[k]}" for v in variants for k in keys) + " |",
+            "|---" * (1 + 2 * len(keys)) + "|",
+            "| 0 (untrained, mean) | " + " | ".join(cell(column(v, 0, k)) for v in variants for k in keys) + " |"]
+    rows += [f"| {n} (change) | " + " | ".join(delta_cell(column(v, n, k), column(v, 0, k)) for v in variants
+                                              for k in keys) + " |" for n in steps]
     plot, plt = None, pyplot()
     if plt:
         fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
+        x = [0, *steps]
         for v, style in zip(variants, ("-o", "--s")):
-            x = [0, *steps]
             for ax, k in zip(axes[:3], keys):
-                stats = [metrics.confidence_interval(column(v, n, k)) for n in x]
-                ax.plot(x, [m for m, _, _ in stats], style, label=v)
-                ax.fill_between(x, [lo for _, lo, _ in stats], [hi for _, _, hi in stats], alpha=0.15)
-                ax.set(xlabel="training steps", title=k.replace("_", "-").upper())
-            ci = [sum(column(v, n, "clip_i")) / len(subjects) for n in x]
-            ct = [sum(column(v, n, "clip_t")) / len(subjects) for n in x]
+                stats = [delta(column(v, n, k), column(v, 0, k)) for n in x]
+                ax.plot(x, [m for m, *_ in stats], style, label=v)
+                ax.fill_between(x, [lo for _, lo, _, _ in stats], [hi for _, _, hi, _ in stats], alpha=0.15)
+                ax.axhline(0, color="gray", lw=0.5)
+                ax.set(xlabel="training steps", title=f"{names[k]}, change from untrained")
+            ci = [delta(column(v, n, "clip_i"), column(v, 0, "clip_i"))[0] for n in x]
+            ct = [delta(column(v, n, "clip_t"), column(v, 0, "clip_t"))[0] for n in x]
             axes[3].plot(ci, ct, style, label=v)
             for n, a, b in zip(x, ci, ct):
                 axes[3].annotate(str(n), (a, b), fontsize=7)
-        axes[3].set(xlabel="CLIP-I (subject)", ylabel="CLIP-T (prompt)", title="the trade-off, by step")
+        axes[3].set(xlabel="CLIP-I change (subject)", ylabel="CLIP-T change (prompt)", title="the trade-off, by step")
         axes[0].legend()
         fig.tight_layout()
         plot = save_plot(fig, "tradeoff", args)
-    finish("tradeoff", "\n".join(rows), results, args, t0, plot)
+    note = ("Rows after the first: the paired change from the untrained model, mean over subjects with a 95% "
+            "bootstrap interval, and how many subjects went up.")
+    finish("tradeoff", note + "\n\n" + "\n".join(rows), results, args, t0, plot, jobs)
 
 
 def study_methods(args, subjects, classes, name, variants, label):
-    """Studies 2 and 3: one trained model per variant and subject, scored after --train_steps (the toy default)."""
+    """Studies 2-4: one trained model per variant and subject, scored after --train_steps (the toy default). Means
+    of the four metrics, then the paired change of CLIP-I, DINO and CLIP-T from the untrained model of the same base."""
     t0 = time.time()
     bases = sorted({b for b, *_ in variants.values()})
     files = prepare_bases(bases, subjects, classes, args)
-    results = per_subject(run_jobs(jobs_for(variants, subjects, classes, files, args), args.workers))
+    jobs = jobs_for(variants, subjects, classes, files, args)
+    results = per_subject(run_jobs(jobs, args.workers))
     memory = {}
     if args.memory:                                          # one process per method, one after another
         s = subjects[0]
         for v, (base, method, _, _) in variants.items():
             memory[v] = peak_memory(base, METHODS[method], s, classes[s], args)
-    head = f"| {label} | CLIP-I | local CLIP-I | CLIP-T | DINO | trainable | file | peak RSS | train time |"
-    rows = [head, "|---" * 9 + "|"]
+    untrained = {base: [results[s][v]["0"] for s in subjects] for v, (base, _, _, steps) in variants.items()
+                 if 0 in steps}
+    head = (f"| {label} | CLIP-I | local CLIP-I | CLIP-T | DINO | change CLIP-I | change DINO | change CLIP-T "
+            "| trainable | file | peak RSS | train time |")
+    rows = [head, "|---" * 12 + "|"]
     points = {}
     for v, (base, _, _, steps) in variants.items():
         for n in steps:
             scores = [results[s][v][str(n)] for s in subjects]
-            row = v if n else f"{base.upper()} untrained"
+            means = [f"{sum(r[k] for r in scores) / len(scores):.3f}" for k in METRICS]
             if n == 0:
-                extra = ["-", "-", "-", "-"]
-            else:
-                extra = [f"{scores[0]['trainable']:,}", f"{scores[0]['file_mib']:.2f} MiB",
-                         f"{memory[v]:.0f} MiB" if v in memory else "-",
-                         f"{sum(r['train_seconds'] for r in scores) / len(scores):.0f} s"]
-                points[v] = scores
-            rows.append(f"| {row} | " + " | ".join(cell([r[k] for r in scores]) for k in METRICS)
-                        + " | " + " | ".join(extra) + " |")
+                rows.append(f"| {base.upper()} untrained | " + " | ".join(means) + " | - | - | - | - | - | - | - |")
+                continue
+            points[v] = [delta([r[k] for r in scores], [r[k] for r in untrained[base]]) for k in ("clip_i", "dino",
+                                                                                              "clip_t")]
+            changes = [delta_cell([r[k] for r in scores], [r[k] for r in untrained[base]])
+                       for k in ("clip_i", "dino", "clip_t")]
+            extra = [f"{scores[0]['trainable']:,}", f"{scores[0]['file_mib']:.2f} MiB",
+                     f"{memory[v]:.0f} MiB" if v in memory else "-",
+                     f"{sum(r['train_seconds'] for r in scores) / len(scores):.0f} s"]
+            rows.append(f"| {v} | " + " | ".join(means + changes + extra) + " |")
     plot, plt = None, pyplot()
     if plt:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-        for v, scores in points.items():
-            for ax, k in zip(axes, ("clip_i", "dino")):
-                (mx, lx, hx), (my, ly, hy) = (metrics.confidence_interval([r[m] for r in scores])
-                                              for m in (k, "clip_t"))
-                ax.errorbar(mx, my, xerr=[[mx - lx], [hx - mx]], yerr=[[my - ly], [hy - my]], fmt="o", capsize=3,
-                            label=v)
-                ax.set(xlabel=k.replace("_", "-").upper() + " (subject)", ylabel="CLIP-T (prompt)")
+        for v, (ci, dn, ct) in points.items():
+            for ax, (m, lo, hi, _), k in zip(axes, (ci, dn), ("CLIP-I", "DINO")):
+                ax.errorbar(m, ct[0], xerr=[[m - lo], [hi - m]], yerr=[[ct[0] - ct[1]], [ct[2] - ct[0]]], fmt="o",
+                            capsize=3, label=v)
+                ax.axhline(0, color="gray", lw=0.5), ax.axvline(0, color="gray", lw=0.5)
+                ax.set(xlabel=f"{k} change (subject)", ylabel="CLIP-T change (prompt)")
         axes[1].legend(fontsize=7)
         fig.tight_layout()
         plot = save_plot(fig, name, args)
-    finish(name, "\n".join(rows), results, args, t0, plot)
+    note = ("Means over subjects; the change columns are paired with the untrained model of the same base (mean, 95% "
+            "bootstrap interval, subjects that went up). Peak RSS: the whole train.py process on one thread, a few "
+            "steps; train time: one run of the toy default on one thread beside another job.")
+    finish(name, note + "\n\n" + "\n".join(rows), results, args, t0, plot, jobs)
 
 
 def study_main(args, subjects, classes):
@@ -379,7 +408,7 @@ def study_main(args, subjects, classes):
 
 def study_experts(args, subjects, classes):
     variants = {f"{k} expert{'s' if k > 1 else ''}": ("w4a8", {1: "peqa", 4: "s2"}.get(k, f"s2x{k}"), True,
-                                                       [args.train_steps])
+                                                       [0, args.train_steps] if k == 1 else [args.train_steps])
                 for k in (1, 2, 4, 8)}
     study_methods(args, subjects, classes, "experts", variants, "S2, W4A8")
 

@@ -24,7 +24,8 @@ def test_tradeoff_study_writes_its_table_and_resumes(quick_base, tmp_path, monke
     studies.main(argv)
     table = (tmp_path / "tradeoff" / "table.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ") and line[2].isdigit()]
-    assert [r.split(" | ")[0] for r in rows] == ["| 0", "| 1", "| 2"]
+    assert [r.split(" | ")[0] for r in rows] == ["| 0 (untrained, mean)", "| 1 (change)", "| 2 (change)"]
+    assert all(r.count("/1 up") == 6 for r in rows[1:])            # paired changes, 3 metrics x 2 variants
     results = json.loads((tmp_path / "tradeoff" / "results.json").read_text())
     assert set(results["mug_star"]) == {"prior", "no prior"}
     assert set(results["mug_star"]["prior"]) == {"0", "1", "2"}
