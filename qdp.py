@@ -12,7 +12,7 @@ TuneQDM at ECCV), one stage per module; this file only wires them:
 Rerunning with the same --out reuses the quantized model and the trained scales (qdp.json checks that they were
 made with the same settings) and redoes sampling, scoring and the report.
 
-    python qdp.py                                   # the toy world, subject dog_patch (about 8 min on 2 CPU cores)
+    python qdp.py                                   # the toy world, subject dog_patch (5.5 min on 2 CPU cores)
     python qdp.py --subject vase_heart --out runs/qdp_vase
     python qdp.py --ckpt v1-5-pruned-emaonly.safetensors --instance_data_dir photos/my_dog --class_name dog \
         --clip clip-vit-base-patch32 --dino dino-vits16 --device cuda --out runs/my_dog

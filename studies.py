@@ -225,24 +225,29 @@ def pyplot():
         return None
 
 
+# runs train.py as __main__, then prints the process's own resident high-water mark (VmHWM, which a fresh program
+# image starts anew; getrusage's ru_maxrss would instead carry the parent's size over the fork)
+_MEASURED = ("import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__'); "
+             "print('VmHWM', open('/proc/self/status').read().split('VmHWM:')[1].split()[0])")
+
+
 def peak_memory(base, flags, subject, cls, args, steps=5):
-    """Peak resident memory (MiB) of a short, fresh train.py run in a process of its own (os.wait4 reads its peak)."""
+    """Peak resident memory (MiB) of a short, fresh train.py run in a process of its own: everything it holds, the
+    Python and torch runtime included (Linux)."""
     out = Path(tempfile.mkdtemp(prefix="qdp_memory_"))
-    cmd = [sys.executable, str(ROOT / "train.py"), "--ckpt", str(base_path(base, args.out)), "--instance_data_dir",
-           str(DATASET / subject), "--instance_prompt", f"a photo of sks {cls}", "--with_prior_preservation",
-           "--class_prompt", f"a photo of a {cls}", "--class_data_dir", str(class_dir(args.out, base, cls)),
-           "--num_class_images", str(args.num_class_images), "--max_train_steps", str(steps), "--output_dir",
-           str(out), *flags]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with open(out / "log.txt", "w") as log:
-        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        _, status, usage = os.wait4(p.pid, 0)
-    if status != 0:
-        tail = (out / "log.txt").read_text().strip().splitlines()[-1:]
-        raise RuntimeError(f"the memory run failed ({' '.join(tail)}); see {out / 'log.txt'}, or skip it with "
-                           "--no-memory")
+    cmd = [sys.executable, "-c", _MEASURED, str(ROOT / "train.py"), "--ckpt", str(base_path(base, args.out)),
+           "--instance_data_dir", str(DATASET / subject), "--instance_prompt", f"a photo of sks {cls}",
+           "--with_prior_preservation", "--class_prompt", f"a photo of a {cls}", "--class_data_dir",
+           str(class_dir(args.out, base, cls)), "--num_class_images", str(args.num_class_images),
+           "--max_train_steps", str(steps), "--output_dir", str(out), *flags]
+    run = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    peak = [line.split()[1] for line in run.stdout.splitlines() if line.startswith("VmHWM ")]
+    if run.returncode != 0 or not peak:
+        (out / "log.txt").write_text(run.stdout + run.stderr)
+        raise RuntimeError(f"the memory run failed ({(run.stderr.strip().splitlines() or ['no output'])[-1]}); see "
+                           f"{out / 'log.txt'}, or skip it with --no-memory")
     shutil.rmtree(out)
-    return usage.ru_maxrss / 1024                           # Linux reports KiB
+    return int(peak[0]) / 1024                               # kB -> MiB
 
 
 def save_plot(fig, name, args):

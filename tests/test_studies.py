@@ -46,3 +46,18 @@ def test_readme_section_is_replaced_between_its_markers(tmp_path, monkeypatch):
     assert readme.read_text() == "intro\n<!-- study:main -->\n| new | table |\n<!-- /study:main -->\nafter\n"
     studies.write_readme("tradeoff", "ignored")                     # no markers: the README is left alone
     assert "ignored" not in readme.read_text()
+
+
+def test_peak_memory_is_the_runs_own(quick_base, tmp_path, monkeypatch):
+    """The child's own high-water mark: more than torch alone, and not the parent's size carried over the fork."""
+    import argparse
+
+    import torch
+    monkeypatch.setattr(studies, "base_path", lambda base, out: quick_base)
+    held = torch.ones(300 * 2**20 // 4)                              # the parent holds 300 MiB more
+    args = argparse.Namespace(out=str(tmp_path), num_class_images=1)
+    mib = studies.peak_memory("w4a8", [], "mug_star", "mug", args, steps=1)
+    assert 150 < mib < 2000
+    held2 = torch.ones(300 * 2**20 // 4)                             # holding more in the parent changes nothing
+    assert abs(studies.peak_memory("w4a8", [], "mug_star", "mug", args, steps=1) - mib) < 100
+    del held, held2
