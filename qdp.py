@@ -139,7 +139,9 @@ def report(args, out, rows, grids, refs, subject, cls, seconds):
              f"scales only; {len(grids['untrained'])} prompts x {args.n_images} images, {args.num_inference_steps} "
              f"DDIM steps, guidance {args.guidance_scale}, seed {args.seed}. Total {seconds / 60:.1f} min.", ""]
     if keys:
-        lines += ["| model | " + " | ".join(keys) + " | trainable | file |", "|---" * (len(keys) + 3) + "|"]
+        names = {"clip_i": "CLIP-I", "local_clip_i": "local CLIP-I", "clip_t": "CLIP-T", "dino": "DINO"}
+        lines += ["| model | " + " | ".join(names[k] for k in keys) + " | trainable | file |",
+                  "|---" * (len(keys) + 3) + "|"]
         for name, r in rows.items():
             extra = [f"{r['trainable']:,}", f"{r['file_mib']:.2f} MiB"] if "trainable" in r else ["-", "-"]
             lines.append(f"| {name} | " + " | ".join(f"{r[k]:.3f}" for k in keys) + " | " + " | ".join(extra) + " |")
