@@ -275,7 +275,8 @@ def templates_for(cls, objects, live):
 def evaluate_subject(sd, ev, references, cls, templates, token="sks", n_images=4, seed=0, **sampling):
     """Sample every template n_images times (template i from seed + i) and score the lot against the references.
     CLIP-T takes the prompt without the identifier ("a dog in the snow"), which the evaluation CLIP never saw;
-    local CLIP-I crops each image to where the model attends to the class word of its own prompt."""
+    local CLIP-I crops each image to where the model attends to the class word of its own prompt. With ev=None the
+    images are only drawn (scores {})."""
     import sample
     images, prompts, shown = [], [], []          # shown: what the model was given; prompts: what CLIP-T reads
     for i, tpl in enumerate(templates):
@@ -283,6 +284,8 @@ def evaluate_subject(sd, ev, references, cls, templates, token="sks", n_images=4
                                   **sampling)
         shown += [tpl.format(token, cls)] * n_images
         prompts += [" ".join(tpl.format("", cls).split())] * n_images
+    if ev is None:
+        return {}, images, prompts
     return {"clip_i": clip_i(ev, images, references),
             "local_clip_i": local_clip_i(ev, sd, images, shown, cls, references),
             "clip_t": clip_t(ev, images, prompts), "dino": dino(ev, images, references)}, images, prompts

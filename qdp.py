@@ -103,16 +103,8 @@ def sample_and_score(args, base, runs, refs, cls, templates):
         if scales is not None:
             train.load_personalized(sd, scales, base_path=base)
         sampling = dict(num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale)
-        if ev is not None:
-            scores, images, prompts = metrics.evaluate_subject(sd, ev, refs, cls, templates, args.token,
-                                                               args.n_images, args.seed, **sampling)
-        else:
-            import sample
-            images, prompts, scores = [], [], {}
-            for i, tpl in enumerate(templates):
-                images += sample.generate(sd, tpl.format(args.token, cls), seed=args.seed + i,
-                                          num_images_per_prompt=args.n_images, **sampling)
-                prompts += [" ".join(tpl.format("", cls).split())] * args.n_images
+        scores, images, prompts = metrics.evaluate_subject(sd, ev, refs, cls, templates, args.token, args.n_images,
+                                                           args.seed, **sampling)
         if scales is not None:
             scores.update(trainable=sum(v.numel() for v in load_file(scales).values()),
                           file_mib=scales.stat().st_size / 2**20)

@@ -153,17 +153,22 @@ def run_job(spec):
     return spec["subject"], spec["name"], results
 
 
-def run_jobs(jobs, workers):
-    """Jobs in a pool of single-threaded workers (spawned: a clean torch in each); results in submission order."""
+def in_workers(fn, items, workers, show=None):
+    """fn over items in a pool of single-threaded workers (spawned: a clean torch in each), results in order;
+    `show(result)` names each finished item on the terminal."""
     if workers <= 1:
-        return [run_job(j) for j in jobs]
+        return [fn(x) for x in items]
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(run_job, j) for j in jobs]
         done = []
-        for k, f in enumerate(futures):
+        for k, f in enumerate([pool.submit(fn, x) for x in items]):
             done.append(f.result())
-            print(f"  {k + 1}/{len(jobs)} {done[-1][1]} {done[-1][0]}", flush=True)
+            if show:
+                print(f"  {k + 1}/{len(items)} {show(done[-1])}", flush=True)
         return done
+
+
+def run_jobs(jobs, workers):
+    return in_workers(run_job, jobs, workers, show=lambda r: f"{r[1]} {r[0]}")
 
 
 def prepare_bases(bases, subjects, classes, args):
@@ -171,11 +176,7 @@ def prepare_bases(bases, subjects, classes, args):
     files = {b: base_path(b, args.out) for b in bases}
     specs = [dict(base_file=str(files[b]), cls=c, n=args.num_class_images, dir=str(class_dir(args.out, b, c)))
              for b in bases for c in sorted({classes[s] for s in subjects})]
-    if args.workers > 1:
-        with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
-            list(pool.map(make_class_images, specs))
-    else:
-        [make_class_images(s) for s in specs]
+    in_workers(make_class_images, specs, args.workers)
     return files
 
 

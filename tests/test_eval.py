@@ -129,3 +129,11 @@ def test_word_positions_point_at_the_word():
     assert metrics.word_positions(tok, "a photo of sks dog", "dog") == [5]
     with pytest.raises(ValueError, match="not a word"):
         metrics.word_positions(tok, "a photo of sks dog", "cat")
+
+
+def test_evaluate_subject_without_evaluators_only_draws():
+    """ev=None (a real model without CLIP/DINO folders): the same images and prompts, no scores."""
+    sd = ckpt.load_sd(ckpt.TOY_CKPT)
+    scores, ims, prompts = metrics.evaluate_subject(sd, None, [], "mug", ["a {0} {1} in the snow"], "sks", 2, 0,
+                                                    num_inference_steps=2)
+    assert scores == {} and len(ims) == 2 and prompts == ["a mug in the snow"] * 2
