@@ -25,6 +25,7 @@ from transformers import CLIPModel, CLIPTokenizer, ViTModel
 import ckpt
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+METRIC_NAMES = {"clip_i": "CLIP-I", "local_clip_i": "local CLIP-I", "clip_t": "CLIP-T", "dino": "DINO"}
 
 
 @dataclass

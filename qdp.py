@@ -131,8 +131,7 @@ def report(args, out, rows, grids, refs, subject, cls, seconds):
              f"scales only; {len(grids['untrained'])} prompts x {args.n_images} images, {args.num_inference_steps} "
              f"DDIM steps, guidance {args.guidance_scale}, seed {args.seed}. Total {seconds / 60:.1f} min.", ""]
     if keys:
-        names = {"clip_i": "CLIP-I", "local_clip_i": "local CLIP-I", "clip_t": "CLIP-T", "dino": "DINO"}
-        lines += ["| model | " + " | ".join(names[k] for k in keys) + " | trainable | file |",
+        lines += ["| model | " + " | ".join(metrics.METRIC_NAMES[k] for k in keys) + " | trainable | file |",
                   "|---" * (len(keys) + 3) + "|"]
         for name, r in rows.items():
             extra = [f"{r['trainable']:,}", f"{r['file_mib']:.2f} MiB"] if "trainable" in r else ["-", "-"]

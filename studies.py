@@ -118,8 +118,9 @@ def run_job(spec):
     with quiet(run / "log.txt"):
         for n in spec["steps"]:
             cached = run / f"scores_{n}.json"
-            if cached.is_file() and json.loads(cached.read_text()).get("settings") == spec["settings"]:
-                results[n] = json.loads(cached.read_text())
+            kept = json.loads(cached.read_text()) if cached.is_file() else {}
+            if kept.get("settings") == spec["settings"]:
+                results[n] = kept
                 continue
             t0, scales = time.time(), None
             state = run / train.STATE_FILE
@@ -320,7 +321,7 @@ def study_tradeoff(args, subjects, classes):
         return [results[s][src][str(step)][k] for s in subjects]
 
     keys = ("clip_i", "dino", "clip_t")
-    names = {"clip_i": "CLIP-I", "dino": "DINO", "clip_t": "CLIP-T", "local_clip_i": "local CLIP-I"}
+    names = metrics.METRIC_NAMES
     rows = ["| steps | " + " | ".join(f"{v}: {names[k]}" for v in variants for k in keys) + " |",
             "|---" * (1 + 2 * len(keys)) + "|",
             "| 0 (untrained, mean) | " + " | ".join(cell(column(v, 0, k)) for v in variants for k in keys) + " |"]
