@@ -9,7 +9,7 @@ a table, a plot and its section of the README.
    and time of a training run.
 3. experts: S2 with 1, 2, 4 and 8 experts.
 4. intervals: the proof of concept behind S1: the baseline trained at the t of one fifth of 0..999 at a time, next
-   to all of t and to S1's content interval.
+   to all of t, S1's content interval and the interval train.py's --t_range auto chooses per subject.
 Every run covers all toy subjects; means come with 95% bootstrap intervals over subjects. The prompts are every
 third of the 25 DreamBooth templates (9: backgrounds and property changes, accessories for the dog and cat), two
 images each, 50 DDIM steps, guidance 7.5. This file only schedules runs and draws their tables and plots, which
@@ -18,7 +18,7 @@ belong neither in the training nor in the metric code; that is why it stands apa
     python studies.py tradeoff             # ~30 min on 2 CPU cores
     python studies.py main                 # ~60 min
     python studies.py experts              # ~15 min after main (shared runs are reused)
-    python studies.py intervals            # ~35 min
+    python studies.py intervals            # ~50 min after main (its baseline and S1 runs are reused)
 Runs are cached in runs/studies/ (rerun to resume; delete a folder to redo it). `--workers 2` (the default) runs two
 single-threaded jobs side by side: for models this small that is twice the throughput of one job on two threads.
 """
@@ -49,7 +49,8 @@ DATASET = ROOT / "assets" / "toy" / "dreambooth"
 README = ROOT / "README.md"
 BASES = {"fp": None, "w4a8": ["--wbits", "4", "--abits", "8"], "w8a8": ["--wbits", "8", "--abits", "8"]}
 # method -> train.py flags; S1's interval is train.content_interval(), S2's experts split t uniformly
-METHODS = {"full": ["--method", "full"], "peqa": [], "s1": ["--t_range", "content"], "s2": ["--n_experts", "4"],
+METHODS = {"full": ["--method", "full"], "peqa": [], "s1": ["--t_range", "content"], "s1auto": ["--t_range", "auto"],
+           "s2": ["--n_experts", "4"],
            "s1+s2": ["--t_range", "content", "--n_experts", "4"],
            **{f"s2x{k}": ["--n_experts", str(k)] for k in (1, 2, 8)},
            **{f"t{lo}-{lo + 199}": ["--t_range", f"{lo},{lo + 199}"] for lo in range(0, 1000, 200)}}
@@ -352,7 +353,7 @@ def study_tradeoff(args, subjects, classes):
     finish("tradeoff", note + "\n\n" + "\n".join(rows), results, args, t0, plot, jobs)
 
 
-def study_methods(args, subjects, classes, name, variants, label):
+def study_methods(args, subjects, classes, name, variants, label, footer=None):
     """Studies 2-4: one trained model per variant and subject, scored after --train_steps (the toy default). Means
     of the four metrics, then the paired change of CLIP-I, DINO and CLIP-T from the untrained model of the same base."""
     t0 = time.time()
@@ -401,7 +402,8 @@ def study_methods(args, subjects, classes, name, variants, label):
     note = ("Means over subjects; the change columns are paired with the untrained model of the same base (mean, 95% "
             "bootstrap interval, subjects that went up). Peak RSS: the whole train.py process on one thread, a few "
             "steps; train time: one run of the toy default on one thread beside another job.")
-    finish(name, note + "\n\n" + "\n".join(rows), results, args, t0, plot, jobs)
+    tail = "\n\n" + footer(results) if footer else ""
+    finish(name, note + "\n\n" + "\n".join(rows) + tail, results, args, t0, plot, jobs)
 
 
 def study_main(args, subjects, classes):
@@ -421,12 +423,44 @@ def study_experts(args, subjects, classes):
 
 
 def study_intervals(args, subjects, classes):
-    """S1's proof of concept: the baseline trained on one fifth of the timesteps at a time, next to all of t and to
-    S1's content interval; what each interval adds to subject fidelity and costs in prompt fidelity."""
-    variants = {"all t (baseline)": ("w4a8", "peqa", True, [0, args.train_steps])}
-    variants.update({f"t {m[1:]}": ("w4a8", m, True, [args.train_steps]) for m in METHODS if m.startswith("t")})
-    variants["S1 content (354-933)"] = ("w4a8", "s1", True, [args.train_steps])
-    study_methods(args, subjects, classes, "intervals", variants, "t trained")
+    """S1's proof of concept: the baseline trained on one fifth of the timesteps at a time, next to all of t, S1's
+    content interval and the interval --t_range auto chose per subject; what each adds to subject fidelity and costs
+    in prompt fidelity, and whether auto's probes rank the fifths as the full runs do."""
+    n = args.train_steps
+    variants = {"all t (baseline)": ("w4a8", "peqa", True, [0, n])}
+    fifths = {f"t {m[1:]}": ("w4a8", m, True, [n]) for m in METHODS if re.fullmatch(r"t\d+-\d+", m)}
+    variants.update(fifths)
+    variants["S1 content (354-933)"] = ("w4a8", "s1", True, [n])
+    variants["S1 auto (per subject)"] = ("w4a8", "s1auto", True, [n])
+
+    def probes_vs_runs(results):
+        chosen, rho = [], {k: [] for k in ("clip_i", "dino", "clip_t")}
+        for s in subjects:
+            probe = json.loads((Path(args.out) / "runs" / "w4a8-s1auto" / s / "auto_interval.json").read_text())
+            chosen.append(f"{s} {probe['t_range'][0]}-{probe['t_range'][1]}")
+            untrained = results[s]["all t (baseline)"]["0"]
+            for k in rho:
+                measured = [results[s][v][str(n)][k] - untrained[k] for v in fifths]
+                rho[k].append(spearman([r["score"] for r in probe["parts"]], measured))
+        ci = lambda v: "{:+.2f} ({:+.2f} to {:+.2f})".format(*metrics.confidence_interval(v))
+        lines = [f"--t_range auto chose: {', '.join(chosen)}.",
+                 "Rank correlation (Spearman, mean over subjects, 95% interval) between the probes' scores of the five "
+                 "fifths and the change a full run on each fifth made: "
+                 + ", ".join(f"{metrics.METRIC_NAMES[k]} {ci(v)}" for k, v in rho.items()) + "."]
+        for a, b in (("S1 auto (per subject)", "all t (baseline)"), ("S1 auto (per subject)", "S1 content (354-933)"),
+                     ("S1 content (354-933)", "all t (baseline)")):
+            pair = lambda k: delta_cell([results[s][a][str(n)][k] for s in subjects],
+                                        [results[s][b][str(n)][k] for s in subjects])
+            lines.append(f"{a} minus {b}: " + "; ".join(f"{metrics.METRIC_NAMES[k]} {pair(k)}" for k in METRICS) + ".")
+        return "\n\n".join(lines)
+    study_methods(args, subjects, classes, "intervals", variants, "t trained", footer=probes_vs_runs)
+
+
+def spearman(a, b):
+    """Spearman's rank correlation of two equal-length lists (no ties expected)."""
+    rank = lambda x: torch.tensor(x).argsort().argsort().float()
+    ra, rb = rank(a), rank(b)
+    return torch.corrcoef(torch.stack([ra, rb]))[0, 1].item()
 
 
 STUDIES = {"tradeoff": study_tradeoff, "main": study_main, "experts": study_experts, "intervals": study_intervals}

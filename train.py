@@ -133,6 +133,97 @@ def content_interval(lo_snr=1e-2, hi_snr=1.0):
     return int(t.min()), int(t.max())
 
 
+AUTO_PARTS = 5   # --t_range auto tries each fifth of 0..999
+
+
+def held_out_set(data, g, draws=4, bins=10):
+    """A fixed set of noised instance and class latents, the same for every probe: t spread evenly over `bins` bins
+    of 0..999, each bin holding every image about `draws` times over (at least 8 examples per bin)."""
+    sets, width = {}, sample.NUM_TRAIN_TIMESTEPS // bins
+    for kind in ("inst", "class"):
+        mean, std = data[f"{kind}_mean"], data[f"{kind}_std"]
+        per_bin = max(8, math.ceil(draws * len(mean) / bins))
+        i = torch.arange(bins * per_bin)
+        image, t = i % len(mean), (i // per_bin) * width + torch.randint(width, (len(i),), generator=g)
+        x0 = mean[image] + std[image] * torch.randn(mean[image].shape, generator=g).to(mean.device)
+        noise = torch.randn(x0.shape, generator=g).to(x0.device)
+        a = data["alphas_cumprod"][t.to(x0.device)].view(-1, 1, 1, 1)
+        sets[kind] = dict(x_t=a.sqrt() * x0 + (1 - a).sqrt() * noise, t=t.to(x0.device), noise=noise,
+                          ctx=data[f"{kind}_ctx"], bin=t // width, bins=bins)
+    return sets
+
+
+@torch.no_grad()
+def bin_losses(model, sets, batch_size=32):
+    """{inst, class} -> the model's mean noise-prediction MSE in each t bin of a held_out_set."""
+    out = {}
+    for kind, s in sets.items():
+        mse = []
+        for i in range(0, len(s["t"]), batch_size):
+            x, t = s["x_t"][i:i + batch_size], s["t"][i:i + batch_size]
+            eps = model(x, t, s["ctx"].expand(len(x), -1, -1))
+            mse.append(((eps.float() - s["noise"][i:i + batch_size].float()) ** 2).mean(dim=(1, 2, 3)).cpu())
+        mse = torch.cat(mse)
+        out[kind] = torch.stack([mse[s["bin"] == k].mean() for k in range(s["bins"])])
+    return out
+
+
+def auto_interval(model, params, data, args, probe_steps=None):
+    """--t_range auto, chosen per subject from its own data: S1's interval is where training teaches the subject
+    most for the least damage to the class prior. For each fifth of 0..999, starting each time from the untrained
+    model, train `probe_steps` steps (a tenth of the run, at least 10) on that fifth alone, then measure on a fixed
+    held-out set of noised latents over ALL of t:
+        gain = mean over t bins of the relative drop of the instance loss (the subject learned, at every t),
+        cost = mean over t bins of the relative rise of the class loss (the prior forgotten),
+    and score the fifth gain - cost. The interval is the best fifth, grown outward through each neighbouring fifth
+    that scores at least half as much. Returns [lo, hi] and the rows of scores."""
+    if "class_mean" not in data:
+        raise TrainingError("--t_range auto weighs each interval's gain against the class prior: add "
+                            "--with_prior_preservation --class_prompt ... --class_data_dir ...")
+    probe_steps = probe_steps or max(10, args.max_train_steps // 10)
+    g = torch.Generator().manual_seed(args.seed + 1)          # the training run's own generator stays untouched
+    sets = held_out_set(data, g)
+    before = bin_losses(model, sets)
+    start = {n: p.detach().clone() for n, p in params.items()}
+    width, rows = sample.NUM_TRAIN_TIMESTEPS // AUTO_PARTS, []
+    for k in range(AUTO_PARTS):
+        t_range = (k * width, (k + 1) * width - 1)
+        optimizer = torch.optim.AdamW(params.values(), lr=args.learning_rate, weight_decay=args.adam_weight_decay)
+        for _ in range(probe_steps):
+            batch = make_batch(data, g, args.train_batch_size, t_range, args.prior_loss_weight)
+            optimizer.zero_grad(set_to_none=True)
+            train_step(model, batch)
+            torch.nn.utils.clip_grad_norm_([p for p in params.values() if p.grad is not None], args.max_grad_norm)
+            optimizer.step()
+        after = bin_losses(model, sets)
+        gain = ((before["inst"] - after["inst"]) / before["inst"]).mean().item()
+        cost = ((after["class"] - before["class"]) / before["class"]).mean().item()
+        rows.append(dict(t_range=t_range, gain=gain, cost=cost, score=gain - cost))
+        with torch.no_grad():                                  # back to the untrained model for the next fifth
+            for n, p in params.items():
+                p.copy_(start[n])
+                p.grad = None
+    return grow_interval([r["score"] for r in rows]), rows
+
+
+def grow_interval(scores):
+    """--t_range auto's rule: the best of the equal parts of 0..999, grown outward through each neighbour that scores
+    at least half as much; all of t (with a warning) when no part scores above zero."""
+    n, best = len(scores), max(range(len(scores)), key=lambda k: scores[k])
+    if scores[best] <= 0:
+        warnings.warn("--t_range auto: no part of t taught the subject more than it cost the prior; training on "
+                      "all of 0..999", stacklevel=3)
+        return [0, sample.NUM_TRAIN_TIMESTEPS - 1]
+    keep = lambda k: 0 <= k < n and scores[k] >= 0.5 * scores[best]
+    lo = hi = best
+    while keep(lo - 1):
+        lo -= 1
+    while keep(hi + 1):
+        hi += 1
+    width = sample.NUM_TRAIN_TIMESTEPS // n
+    return [lo * width, (hi + 1) * width - 1]
+
+
 def expert_bounds(n_experts, boundaries=None):
     """K+1 increasing bounds; expert k owns lo_k <= t < lo_{k+1}. Uniform bounds ceil(1000k/K) give expert
     floor(t*K/1000), the official code's rule."""
@@ -420,13 +511,23 @@ def train(args):
     data = prepare(sd, args)
     model, params = trainable(sd, args.method, args.n_experts, args.bounds, args.multi_channel)
     sd.unet.gradient_checkpointing = args.gradient_checkpointing
+    state = out / STATE_FILE
+    if args.t_range == "auto":
+        if args.resume and state.is_file():       # the interval the run chose when it started
+            with safe_open(str(state), framework="pt") as f:
+                args.t_range = json.loads(f.metadata()["qdp.train"])["t_range"]
+        else:
+            args.t_range, rows = auto_interval(model, params, data, args)
+            (out / "auto_interval.json").write_text(json.dumps({"t_range": args.t_range, "parts": rows}, indent=1))
+            print("--t_range auto: " + ", ".join(f"{r['t_range'][0]}-{r['t_range'][1]} {100 * r['score']:+.1f}%"
+                                                 for r in rows) + f" -> {args.t_range[0]}..{args.t_range[1]}")
+        warn_idle_experts(args)
     print(f"{args.method}: {sum(p.numel() for p in params.values()):,} trainable numbers in {len(params)} tensors"
           + (f", {args.n_experts} experts over t bounds {args.bounds}" if args.n_experts > 1 else "")
           + f"; t drawn from {args.t_range[0]}..{args.t_range[1]}")
     optimizer = torch.optim.AdamW(params.values(), lr=args.learning_rate, weight_decay=args.adam_weight_decay)
     rng = torch.Generator().manual_seed(args.seed)
     config, start, losses = run_config(args), 0, []
-    state = out / STATE_FILE
     if args.resume and state.is_file():
         start = load_state(state, params, optimizer, rng, config)
         print(f"resumed from {state} at step {start}")
@@ -455,6 +556,13 @@ def train(args):
     return out / OUT_FILE, losses
 
 
+def warn_idle_experts(args):
+    lo, hi = args.t_range
+    idle = [k for k in range(args.n_experts) if args.bounds[k + 1] <= lo or args.bounds[k] > hi]
+    if idle:
+        warnings.warn(f"experts {idle} own no timestep of --t_range {args.t_range} and will not train", stacklevel=3)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="DreamBooth on a quantized SD v1 model by its scales (PEQA, S1, S2).")
     # model
@@ -465,7 +573,8 @@ def parse_args(argv=None):
     p.add_argument("--multi_channel", action="store_true", help="also train a scale per input channel of every "
                    "quantized layer (TuneQDM's multi-channel scale update)")
     p.add_argument("--t_range", default=None, help="S1: train only at t in LO,HI (e.g. 354,933); 'content' for the "
-                   "SNR band [1e-2, 1] (see content_interval); default all of 0,999")
+                   "SNR band [1e-2, 1] (see content_interval); 'auto' to choose it per subject by short probe runs "
+                   "(see auto_interval; needs --with_prior_preservation); default all of 0,999")
     p.add_argument("--n_experts", type=int, default=1, help="S2: scale sets, each owning a timestep interval")
     p.add_argument("--expert_boundaries", default=None, help="S2: K-1 inner bounds, e.g. 250,500,750 (default uniform)")
     # data (diffusers' DreamBooth flag names)
@@ -519,11 +628,14 @@ def parse_args(argv=None):
         args.t_range = [0, sample.NUM_TRAIN_TIMESTEPS - 1]
     elif args.t_range == "content":
         args.t_range = list(content_interval())
+    elif args.t_range == "auto":
+        if not args.with_prior_preservation:
+            p.error("--t_range auto weighs each interval against the class prior: add --with_prior_preservation")
     else:
         try:
             lo, hi = (int(v) for v in args.t_range.split(","))
         except ValueError:
-            p.error(f"--t_range takes LO,HI (e.g. 354,933) or 'content', got {args.t_range!r}")
+            p.error(f"--t_range takes LO,HI (e.g. 354,933), 'content' or 'auto', got {args.t_range!r}")
         if not 0 <= lo <= hi < sample.NUM_TRAIN_TIMESTEPS:
             p.error(f"--t_range needs 0 <= LO <= HI <= 999, got {lo},{hi}")
         args.t_range = [lo, hi]
@@ -541,10 +653,8 @@ def parse_args(argv=None):
     if args.n_experts < 1:
         p.error("--n_experts must be at least 1")
     args.bounds = expert_bounds(args.n_experts, inner)
-    lo, hi = args.t_range
-    idle = [k for k in range(args.n_experts) if args.bounds[k + 1] <= lo or args.bounds[k] > hi]
-    if idle:
-        warnings.warn(f"experts {idle} own no timestep of --t_range {args.t_range} and will not train", stacklevel=2)
+    if args.t_range != "auto":
+        warn_idle_experts(args)
     for name in ("train_batch_size", "num_class_images", "checkpointing_steps", "sample_batch_size",
                  "class_inference_steps"):
         if getattr(args, name) < 1:

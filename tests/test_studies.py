@@ -61,3 +61,11 @@ def test_peak_memory_is_the_runs_own(quick_base, tmp_path, monkeypatch):
     held2 = torch.ones(300 * 2**20 // 4)                             # holding more in the parent changes nothing
     assert abs(studies.peak_memory("w4a8", [], "mug_star", "mug", args, steps=1) - mib) < 100
     del held, held2
+
+
+def test_spearman_ranks():
+    """Rank correlation: +1 for any increasing relation, -1 for a decreasing one, order of pairs irrelevant."""
+    assert studies.spearman([1, 2, 3, 4, 5], [10, 20, 25, 90, 100]) == pytest.approx(1)
+    assert studies.spearman([0.1, 0.5, 0.2], [3, 1, 2]) == pytest.approx(-1)
+    assert studies.spearman([3, 1, 2, 5], [0.3, 0.9, 0.1, 0.4]) == pytest.approx(studies.spearman([1, 2, 3, 5],
+                                                                                             [0.9, 0.1, 0.3, 0.4]))

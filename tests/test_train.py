@@ -103,6 +103,16 @@ def test_given_boundaries_and_content_interval():
     assert snr[lo] <= 1 and snr[lo - 1] > 1 and snr[hi] >= 1e-2 and snr[hi + 1] < 1e-2
 
 
+def test_auto_interval_rule():
+    """--t_range auto keeps the best fifth and grows through neighbours scoring at least half of it; no fifth above
+    zero means all of t, with a warning."""
+    assert train.grow_interval([-1, 5, 10, 4, 6]) == [200, 599]
+    assert train.grow_interval([1, 6, 10, 7, 5]) == [200, 999]      # 5 >= 10/2 joins, 1 does not
+    assert train.grow_interval([9, 1, 1, 1, 1]) == [0, 199]
+    with pytest.warns(UserWarning, match="all of 0..999"):
+        assert train.grow_interval([-3, -1, -2, -5, -4]) == [0, 999]
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # runs on a tiny quantized model
 
@@ -245,6 +255,31 @@ def test_resume_equals_uninterrupted(files, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_auto_interval_probes_then_resumes_with_its_choice(files, tmp_path, monkeypatch):
+    """--t_range auto: the probes start from and give back the untrained scales (the run equals one given the chosen
+    interval by hand), the choice is the rule applied to the probes' scores, and --resume reuses it without
+    probing again."""
+    flags = ("--with_prior_preservation", "--class_prompt", "a photo of a mug", "--class_data_dir",
+             str(tmp_path / "class"), "--num_class_images", "2", "--class_inference_steps", "3",
+             "--checkpointing_steps", "2")
+    auto, _ = run(files, tmp_path / "auto", "--max_train_steps", "4", "--t_range", "auto", *flags)
+    import json
+    chosen = json.loads((tmp_path / "auto" / "auto_interval.json").read_text())
+    assert len(chosen["parts"]) == train.AUTO_PARTS
+    assert all(r["score"] == pytest.approx(r["gain"] - r["cost"]) for r in chosen["parts"])
+    assert chosen["t_range"] == train.grow_interval([r["score"] for r in chosen["parts"]])
+    by_hand, _ = run(files, tmp_path / "hand", "--max_train_steps", "4", "--t_range", ",".join(map(str,
+                     chosen["t_range"])), *flags)
+    from safetensors.torch import load_file
+    a, b = load_file(auto), load_file(by_hand)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    run(files, tmp_path / "b", "--max_train_steps", "2", "--t_range", "auto", *flags)
+    monkeypatch.setattr(train, "auto_interval", lambda *a, **k: pytest.fail("probed again on --resume"))
+    resumed, _ = run(files, tmp_path / "b", "--max_train_steps", "4", "--t_range", "auto", "--resume", *flags)
+    c = load_file(resumed)
+    assert all(torch.equal(a[k], c[k]) for k in a)
+
+
 def test_nan_loss_stops_and_keeps_the_last_state(files, tmp_path, monkeypatch):
     """A non-finite loss stops the run with a TrainingError, and the last good state stays on disk."""
     real = train.train_step
@@ -304,6 +339,7 @@ def test_class_images_resume_identically(files, tmp_path):
     (["--with_prior_preservation", "--class_data_dir", "x"], "needs --class_prompt"),
     (["--t_range", "500,100"], "--t_range needs"),
     (["--t_range", "abc"], "--t_range takes"),
+    (["--t_range", "auto"], "add --with_prior_preservation"),
     (["--expert_boundaries", "500,100"], "must increase"),
     (["--expert_boundaries", "500", "--n_experts", "4"], "make 2 experts"),
     (["--method", "full", "--n_experts", "2"], "needs --method peqa"),
