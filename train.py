@@ -6,9 +6,9 @@
   quantized layer trains (quant.py's WeightQuantizer), about 0.33M numbers for SD v1. `--multi_channel` (TuneQDM's
   ECCV version) also trains a scale per input channel of every layer, `in_scale`.
 - Ryu et al., arXiv 2401.04339 (TuneQDM at ECCV): S1 (selective) draws t only from a "content" interval (fixed,
-  or chosen per subject by short probe runs: `--t_range auto`); S2
-  (specialized) keeps K scale sets, experts, each owning an interval of the raw timestep t in 0..999, so a training
-  sample updates the expert of its t and sampling switches experts as t falls.
+  or chosen per subject by short probe runs: `--t_range auto`); S2 (specialized) keeps K scale sets, experts, each
+  owning an interval of the raw timestep t in 0..999, so a training sample updates the expert of its t and sampling
+  switches experts as t falls.
 `--method full` is the full-precision DreamBooth reference (all UNet weights train, on an FP checkpoint).
 
     python quant.py --wbits 4 --abits 8 --out runs/q.safetensors        # the toy model, on a CPU
