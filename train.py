@@ -191,11 +191,8 @@ def auto_interval(model, params, data, args, probe_steps=None):
         t_range = (k * width, (k + 1) * width - 1)
         optimizer = torch.optim.AdamW(params.values(), lr=args.learning_rate, weight_decay=args.adam_weight_decay)
         for _ in range(probe_steps):
-            batch = make_batch(data, g, args.train_batch_size, t_range, args.prior_loss_weight)
-            optimizer.zero_grad(set_to_none=True)
-            train_step(model, batch)
-            torch.nn.utils.clip_grad_norm_([p for p in params.values() if p.grad is not None], args.max_grad_norm)
-            optimizer.step()
+            optimizer_step(model, params, optimizer,
+                           make_batch(data, g, args.train_batch_size, t_range, args.prior_loss_weight), args.max_grad_norm)
         after = bin_losses(model, sets)
         gain = ((before["inst"] - after["inst"]) / before["inst"]).mean().item()
         cost = ((after["class"] - before["class"]) / before["class"]).mean().item()
@@ -362,6 +359,17 @@ def train_step(model, batch):
         (batch["weight"][idx] * per_sample).sum().backward()
         mse[idx.cpu()] = per_sample.detach().cpu()
     return (batch["weight"].cpu() * mse).sum(), mse
+
+
+def optimizer_step(model, params, optimizer, batch, max_grad_norm):
+    """One AdamW step on a batch, with gradient clipping; a non-finite loss leaves the parameters as they were.
+    Returns train_step's loss and per-sample MSEs."""
+    optimizer.zero_grad(set_to_none=True)    # None, not zero: AdamW skips experts that got no gradient
+    loss, mse = train_step(model, batch)
+    if torch.isfinite(loss):
+        torch.nn.utils.clip_grad_norm_([p for p in params.values() if p.grad is not None], max_grad_norm)
+        optimizer.step()
+    return loss, mse
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -536,13 +544,10 @@ def train(args):
     t0 = time.time()
     for step in bar:
         batch = make_batch(data, rng, args.train_batch_size, args.t_range, args.prior_loss_weight)
-        optimizer.zero_grad(set_to_none=True)    # None, not zero: AdamW skips experts that got no gradient
-        loss, mse = train_step(model, batch)
+        loss, mse = optimizer_step(model, params, optimizer, batch, args.max_grad_norm)
         if not torch.isfinite(loss):
             raise TrainingError(f"loss is {loss.item()} at step {step}; the last good state is {state}: lower "
                                 "--learning_rate and rerun with --resume")
-        torch.nn.utils.clip_grad_norm_([p for p in params.values() if p.grad is not None], args.max_grad_norm)
-        optimizer.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % args.checkpointing_steps == 0 or step + 1 == args.max_train_steps:
