@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from tqdm import tqdm
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, ViTConfig, ViTModel
 
@@ -337,14 +338,19 @@ def heldout_scenes(n=64, seed=0):
 
 
 def attribute_accuracy(ev, images, scenes):
-    """Zero-shot accuracy of the evaluation CLIP on class, color and context of images showing `scenes`."""
+    """Zero-shot accuracy of the evaluation CLIP on class, color and context of images showing `scenes`. The
+    candidate prompts depend only on the class, so their text embeddings are computed once per class."""
     import eval as metrics
-    cand = [attribute_prompts(s) for s in scenes]
+    img = metrics.clip_image_embeds(ev, images)
     truth = {"class": [world.CLASSES.index(s.cls) for s in scenes],
              "color": [list(world.COLORS).index(s.color) for s in scenes],
              "context": [world.CONTEXTS.index(s.context) for s in scenes]}
-    return {k: (metrics.zero_shot(ev, images, [c[k] for c in cand]) == torch.tensor(truth[k])).float().mean().item()
-            for k in truth}
+    text = {}
+    for s in scenes:
+        if s.cls not in text:
+            text[s.cls] = {k: metrics.clip_text_embeds(ev, c) for k, c in attribute_prompts(s).items()}
+    return {k: sum(int((img[i] @ text[s.cls][k].T).argmax() == truth[k][i]) for i, s in enumerate(scenes))
+            / len(scenes) for k in truth}
 
 
 def generate_heldout(sd_model, prompts, steps=50, guidance_scale=7.5, seed=0):
@@ -356,45 +362,167 @@ def generate_heldout(sd_model, prompts, steps=50, guidance_scale=7.5, seed=0):
     return images
 
 
-def report(sd_model, ev, n=64, n_subject=8, steps=50, guidance_scale=7.5, seed=0, grid_path=None):
-    """The pretrained world's numbers: zero-shot class/color/context accuracy of the evaluation CLIP on generated
-    images for held-out prompts (real renders of the same scenes give the ceiling), and how close "a photo of a
-    <class>" samples come to each subject (subject fidelity) against the references' fidelity to each other."""
+def to_unit(images):
+    """PIL images -> float tensor (B,3,H,W) in [0, 1]."""
+    return torch.stack([torch.from_numpy(np.array(im.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
+                        for im in images])
+
+
+@torch.no_grad()
+def reconstruct(vae, images):
+    """Each image through the VAE and back (the posterior mean, no sampling), as PIL images."""
+    x = to_unit(images) * 2 - 1
+    out = torch.cat([vae.decode(vae.encode(x[i:i + 64])[0]) for i in range(0, len(x), 64)])
+    pixels = ((out * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8")
+    return [Image.fromarray(p) for p in pixels]
+
+
+def psnr_mae(real, recon):
+    """PSNR in dB over all pixels of a set of images, and their mean absolute error in 8-bit levels (0..255)."""
+    a, b = to_unit(real), to_unit(recon)
+    mse = (a - b).pow(2).mean().item()
+    return (10 * math.log10(1 / mse) if mse > 0 else math.inf), 255 * (a - b).abs().mean().item()
+
+
+def retrieval(query, gallery, query_labels, gallery_labels, exclude=None):
+    """Share of queries whose most similar gallery item (cosine of unit embeddings) carries the query's label, and
+    the share a random pick would get (chance). exclude[i] is a gallery index query i may not pick (itself, in a
+    leave-one-out search). Exact ties share the credit, so identical embeddings score exactly chance."""
+    sim = query @ gallery.T
+    allowed = torch.ones_like(sim, dtype=torch.bool)
+    if exclude is not None:
+        allowed[torch.arange(len(query)), torch.as_tensor(exclude)] = False
+    sim = sim.masked_fill(~allowed, float("-inf"))
+    same = torch.tensor([[q == g for g in gallery_labels] for q in query_labels])
+    tied = sim == sim.max(dim=1, keepdim=True).values
+    hit = ((tied & same).sum(1) / tied.sum(1)).mean().item()
+    chance = ((allowed & same).sum(1) / allowed.sum(1)).mean().item()
+    return hit, chance
+
+
+def subject_references():
+    """Every toy subject's reference pictures as rendered by the world, and the subject each shows."""
+    images, labels = [], []
+    for name in world.SUBJECTS:
+        for ctx, s in world.references(name):
+            images.append(world.render_subject(name, ctx, s)[0])
+            labels.append(name)
+    return images, labels
+
+
+def ceiling_chain(ev, scenes, real, recon, generated, refs, ref_labels, refs_recon, drawn):
+    """Where quality is lost, stage by stage, on the same scenes: the real renders (the ceiling of everything), their
+    VAE reconstructions (what any UNet can at best draw), the UNet's samples for the scenes' captions, and for
+    subjects, images drawn for each (`drawn`: {row name: (images, subject labels)}, e.g. "a photo of a <class>"
+    before personalization and "a photo of sks <class>" after). Zero-shot accuracy reads class, color and context
+    with the evaluation CLIP; subject retrieval asks whether an image's nearest subject reference (DINO stand-in,
+    CLIP-I) is of its own subject: leave-one-out among the references themselves, against the real references
+    for reconstructions and samples. Returns {row: {metric: value}}; a metric a row does not measure is absent."""
+    import eval as metrics
+    embed = {"dino": metrics.dino_embeds, "clip_i": metrics.clip_image_embeds}
+    gallery = {k: f(ev, refs) for k, f in embed.items()}
+    own = list(range(len(refs)))
+
+    def subject_scores(images, labels, exclude=None):
+        scores = {}
+        for k, f in embed.items():
+            scores[f"subject_{k}"], scores[f"subject_{k}_chance"] = retrieval(
+                gallery[k] if images is refs else f(ev, images), gallery[k], labels, ref_labels, exclude)
+        return scores
+
+    psnr, mae = psnr_mae(real, recon)
+    rows = {"real renders": {**attribute_accuracy(ev, real, scenes), **subject_scores(refs, ref_labels, own)},
+            "VAE reconstructions": {"psnr": psnr, "mae": mae, **attribute_accuracy(ev, recon, scenes),
+                                    **subject_scores(refs_recon, ref_labels, own)},
+            "UNet samples": attribute_accuracy(ev, generated, scenes)}
+    for name, (images, labels) in drawn.items():
+        rows[name] = subject_scores(images, labels)
+    rows["chance"] = {"class": 1 / len(world.CLASSES), "color": 1 / len(world.COLORS),
+                      "context": 1 / len(world.CONTEXTS),
+                      "subject_dino": rows["real renders"]["subject_dino_chance"],
+                      "subject_clip_i": rows["real renders"]["subject_clip_i_chance"]}
+    return rows
+
+
+def draw_subjects(sd_model, prompt, n_images, steps, guidance_scale, seed, personalized=None, base_path=None):
+    """n_images samples of `prompt` (formatted with the class) per subject, and the subject of each. With
+    `personalized` (a train.py output path with {subject} in it), each subject's own run is loaded into a fresh
+    copy of the base model at `base_path`; subjects without a run are left out."""
+    import train
+    images, labels = [], []
+    for k, (name, subj) in enumerate(world.SUBJECTS.items()):
+        model = sd_model
+        if personalized is not None:
+            path = Path(personalized.format(subject=name))
+            if not path.is_file():
+                continue
+            model = train.load_personalized(ckpt.load_sd(base_path), path, base_path=base_path)
+        images += sample.generate(model, prompt.format(subj.cls), seed=seed + 100 + k, num_inference_steps=steps,
+                                  guidance_scale=guidance_scale, height=SIZE, width=SIZE,
+                                  num_images_per_prompt=n_images)
+        labels += [name] * n_images
+    return images, labels
+
+
+def report(sd_model, ev, n=128, n_subject=8, steps=50, guidance_scale=7.5, seed=0, grid_path=None,
+           personalized=None, base_path=None):
+    """The pretrained world's numbers: the ceiling chain (see `ceiling_chain`) on n held-out scenes (prompts whose
+    class/color/context triple was never in pretraining), and how close "a photo of a <class>" samples come to
+    each subject (subject fidelity) against the references' fidelity to each other."""
     import eval as metrics
     scenes, prompts = heldout_scenes(n, seed)
     real = [world.render(s, seed=10_000 + i)[0] for i, s in enumerate(scenes)]
+    recon = reconstruct(sd_model.vae, real)
     fake = generate_heldout(sd_model, prompts, steps, guidance_scale, seed)
-    rows = {"real renders (ceiling)": attribute_accuracy(ev, real, scenes),
-            "generated": attribute_accuracy(ev, fake, scenes),
-            "chance": {"class": 1 / len(world.CLASSES), "color": 1 / len(world.COLORS),
-                       "context": 1 / len(world.CONTEXTS)}}
+    refs, ref_labels = subject_references()
+    sampling = dict(n_images=n_subject, steps=steps, guidance_scale=guidance_scale, seed=seed)
+    drawn = {"untrained, \"a photo of a <class>\"": draw_subjects(sd_model, "a photo of a {}", **sampling)}
+    if personalized is not None:
+        drawn["personalized, \"a photo of sks <class>\""] = draw_subjects(
+            sd_model, "a photo of sks {}", **sampling, personalized=personalized, base_path=base_path)
+    chain = ceiling_chain(ev, scenes, real, recon, fake, refs, ref_labels, reconstruct(sd_model.vae, refs), drawn)
+    class_images, class_labels = drawn["untrained, \"a photo of a <class>\""]
     subjects = {}
-    for k, (name, subj) in enumerate(world.SUBJECTS.items()):
-        refs = [world.render_subject(name, ctx, s)[0] for ctx, s in world.references(name)]
-        gen = sample.generate(sd_model, f"a photo of a {subj.cls}", seed=seed + 100 + k, num_inference_steps=steps,
-                              guidance_scale=guidance_scale, height=SIZE, width=SIZE, num_images_per_prompt=n_subject)
-        ci, di = metrics.clip_image_embeds(ev, refs), metrics.dino_embeds(ev, refs)
+    for name in world.SUBJECTS:
+        r = [im for im, lab in zip(refs, ref_labels) if lab == name]
+        gen = [im for im, lab in zip(class_images, class_labels) if lab == name]
+        ci, di = metrics.clip_image_embeds(ev, r), metrics.dino_embeds(ev, r)
         subjects[name] = {"refs_clip_i": metrics.mean_pairwise_cosine(ci, ci, exclude_self=True),
                           "refs_dino": metrics.mean_pairwise_cosine(di, di, exclude_self=True),
-                          "class_prompt_clip_i": metrics.clip_i(ev, gen, refs),
-                          "class_prompt_dino": metrics.dino(ev, gen, refs)}
+                          "class_prompt_clip_i": metrics.clip_i(ev, gen, r),
+                          "class_prompt_dino": metrics.dino(ev, gen, r)}
     if grid_path is not None:
         Path(grid_path).parent.mkdir(parents=True, exist_ok=True)
         world.grid(list(zip(fake[:32], prompts[:32]))).save(grid_path)
-    return {"zero_shot": rows, "subjects": subjects,
-            "settings": dict(n=n, steps=steps, guidance_scale=guidance_scale, seed=seed, n_subject=n_subject)}
+    return {"chain": chain, "subjects": subjects,
+            "settings": dict(n=n, steps=steps, guidance_scale=guidance_scale, seed=seed, n_subject=n_subject,
+                             personalized=personalized, base=None if base_path is None else str(base_path))}
 
 
-def print_report(r):
-    print("| images | class | color | context |\n|---|---|---|---|")
-    for name, acc in r["zero_shot"].items():
-        print(f"| {name} | " + " | ".join(f"{100 * acc[k]:.1f}%" for k in ("class", "color", "context")) + " |")
-    print("\n| subject | CLIP-I refs vs refs | CLIP-I class prompt | DINO refs vs refs | DINO class prompt |")
-    print("|---|---|---|---|---|")
+CHAIN_COLUMNS = {"psnr": "VAE PSNR (dB)", "mae": "VAE error (/255)", "class": "class", "color": "color",
+                 "context": "context", "subject_dino": "subject by DINO", "subject_clip_i": "subject by CLIP-I"}
+
+
+def chain_markdown(chain):
+    """The ceiling chain as one markdown table; "-" where a row does not measure a column."""
+    def cell(k, v):
+        if v is None:
+            return "-"
+        return f"{v:.1f}" if k in ("psnr", "mae") else f"{100 * v:.1f}%"
+    lines = ["| images | " + " | ".join(CHAIN_COLUMNS.values()) + " |", "|---" * (len(CHAIN_COLUMNS) + 1) + "|"]
+    lines += [f"| {row} | " + " | ".join(cell(k, m.get(k)) for k in CHAIN_COLUMNS) + " |" for row, m in chain.items()]
+    return "\n".join(lines)
+
+
+def report_markdown(r):
     keys = ("refs_clip_i", "class_prompt_clip_i", "refs_dino", "class_prompt_dino")
-    for name, m in list(r["subjects"].items()) + [("**mean**", {k: sum(s[k] for s in r["subjects"].values())
-                                                                  / len(r["subjects"]) for k in keys})]:
-        print(f"| {name} | " + " | ".join(f"{m[k]:.3f}" for k in keys) + " |")
+    lines = [chain_markdown(r["chain"]), "",
+             "| subject | CLIP-I refs vs refs | CLIP-I class prompt | DINO refs vs refs | DINO class prompt |",
+             "|---|---|---|---|---|"]
+    mean = {k: sum(s[k] for s in r["subjects"].values()) / len(r["subjects"]) for k in keys}
+    for name, m in list(r["subjects"].items()) + [("**mean**", mean)]:
+        lines.append(f"| {name} | " + " | ".join(f"{m[k]:.3f}" for k in keys) + " |")
+    return "\n".join(lines)
 
 
 def pretrain(plan, out, do_export=True):
@@ -421,14 +549,23 @@ if __name__ == "__main__":
     parser.add_argument("--report", action="store_true",
                         help="skip training: measure the shipped models (zero-shot accuracy, subject fidelity)")
     parser.add_argument("--grid", default="docs/toy_heldout.png", help="with --report: where to save a sample grid")
+    parser.add_argument("--personalized", default=None,
+                        help="with --report: train.py outputs, one per subject, with {subject} in the path (e.g. "
+                        "runs/full/{subject}/personalized.safetensors), for the chain's personalized row")
+    parser.add_argument("--personalized_base", default=str(SD_FILE),
+                        help="with --personalized: the base model those runs started from")
     args = parser.parse_args()
+    if args.personalized is not None and "{subject}" not in args.personalized:
+        parser.error("--personalized needs {subject} in the path: one train.py output per subject")
     if args.scale <= 0:
         parser.error("--scale must be positive")
     if args.report:
         import eval as metrics
-        result = report(ckpt.load_sd(SD_FILE), metrics.load_evaluators(), grid_path=args.grid)
+        result = report(ckpt.load_sd(SD_FILE), metrics.load_evaluators(), grid_path=args.grid,
+                        personalized=args.personalized, base_path=args.personalized_base)
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "report.json").write_text(json.dumps(result, indent=2))
-        print_report(result)
+        (Path(args.out) / "report.md").write_text(report_markdown(result) + "\n")
+        print(report_markdown(result))
     else:
         pretrain(Plan().scaled(args.scale), Path(args.out), do_export=not args.no_export)

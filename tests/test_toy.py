@@ -90,3 +90,65 @@ def test_shipped_toy_files_stay_small():
     """Every shipped toy weight file together is at most 40 MB."""
     total = sum(p.stat().st_size for p in toy.ASSETS.glob("*.safetensors"))
     assert 0 < total <= 40e6
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the ceiling chain's metrics on known cases
+
+
+def test_retrieval_scores_the_ceiling_and_chance():
+    """Embeddings that separate the labels retrieve perfectly; identical embeddings (a constant image) score exactly
+    the chance that retrieval reports, leave-one-out or not."""
+    labels = ["a", "a", "b", "b", "b", "c"]
+    onehot = torch.eye(3)[[0, 0, 1, 1, 1, 2]]
+    hit, chance = toy.retrieval(onehot[:5], onehot, labels[:5], labels, exclude=list(range(5)))
+    assert hit == 1.0
+    assert chance == pytest.approx((1 / 5 + 1 / 5 + 2 / 5 + 2 / 5 + 2 / 5) / 5)
+    same = torch.ones(6, 4) / 2
+    hit, chance = toy.retrieval(same, same, labels, labels, exclude=list(range(6)))
+    assert hit == pytest.approx(chance)
+    hit, chance = toy.retrieval(same[:2], same, ["c", "b"], labels)
+    assert hit == pytest.approx(chance) == pytest.approx((1 / 6 + 3 / 6) / 2)
+
+
+def test_psnr_of_a_perfect_and_a_known_reconstruction():
+    from PIL import Image
+    a = [Image.new("RGB", (8, 8), (100, 100, 100))]
+    assert toy.psnr_mae(a, a) == (float("inf"), 0.0)
+    b = [Image.new("RGB", (8, 8), (110, 100, 90))]       # |error| 10 on two channels of three
+    psnr, mae = toy.psnr_mae(a, b)
+    assert mae == pytest.approx(20 / 3, abs=1e-3)
+    assert psnr == pytest.approx(10 * torch.log10(torch.tensor(255.0 ** 2 / (200 / 3))).item(), abs=1e-3)
+
+
+@pytest.fixture(scope="module")
+def evaluators():
+    import eval as metrics
+    return metrics.load_evaluators()
+
+
+def test_a_perfect_reconstruction_scores_the_ceiling(evaluators):
+    """With reconstructions equal to the real renders, the VAE row equals the real row: infinite PSNR, no error, the
+    same zero-shot accuracies and the same subject retrieval."""
+    scenes, _ = toy.heldout_scenes(16, seed=0)
+    real = [toy.world.render(s, seed=i)[0] for i, s in enumerate(scenes)]
+    refs, labels = toy.subject_references()
+    chain = toy.ceiling_chain(evaluators, scenes, real, real, real, refs, labels, refs, {})
+    vae_row, real_row = chain["VAE reconstructions"], chain["real renders"]
+    assert vae_row["psnr"] == float("inf") and vae_row["mae"] == 0.0
+    for k, v in real_row.items():
+        assert vae_row[k] == pytest.approx(v), k
+    assert chain["UNet samples"]["class"] == pytest.approx(real_row["class"])
+
+
+def test_a_constant_image_scores_chance(evaluators):
+    """One constant image for every scene of a balanced set reads as one answer per class: exactly chance on class,
+    color and context."""
+    from PIL import Image
+    world = toy.world
+    scenes = [world.Scene(k, c, "plain", x) for k in world.CLASSES for c in world.COLORS for x in world.CONTEXTS]
+    grey = [Image.new("RGB", (64, 64), (128, 128, 128))] * len(scenes)
+    acc = toy.attribute_accuracy(evaluators, grey, scenes)
+    assert acc["class"] == pytest.approx(1 / len(world.CLASSES))
+    assert acc["color"] == pytest.approx(1 / len(world.COLORS))
+    assert acc["context"] == pytest.approx(1 / len(world.CONTEXTS))
