@@ -355,14 +355,14 @@ def dequantize(unet):
     return fill(plain, want, "UNet", "the dequantized UNet").eval()
 
 
-def save_compvis(model, path, dtype=None):
-    """One .safetensors (or .ckpt) file in the CompVis layout, with qdp's config in its metadata; floating tensors are
-    cast to `dtype` if given (e.g. torch.float16 to halve the file)."""
+def save_compvis(model, path, dtype=None, metadata=None):
+    """One .safetensors (or .ckpt) file in the CompVis layout, with qdp's config and any extra `metadata` (strings)
+    in its metadata; floating tensors are cast to `dtype` if given (e.g. torch.float16 to halve the file)."""
     parts = {"unet": model.unet.state_dict(), "vae": model.vae.state_dict(),
              "text_encoder": canonical_text_keys(model.text_encoder.state_dict())}
     cast = lambda v: v.to(dtype) if dtype is not None and v.is_floating_point() else v
     tensors = {PREFIX[name] + k: cast(v) for name, sd in parts.items() for k, v in sd.items()}
-    atomic_save(tensors, path, {"format": "pt", "qdp.config": config_json(model)})
+    atomic_save(tensors, path, {"format": "pt", "qdp.config": config_json(model), **(metadata or {})})
 
 
 def save_diffusers(model, folder, dtype=None):
@@ -401,10 +401,12 @@ if __name__ == "__main__":
     import argparse
     import sys
 
-    parser = argparse.ArgumentParser(description="Load an SD v1 checkpoint, describe it, optionally convert it.")
+    parser = argparse.ArgumentParser(description="Load an SD v1 checkpoint, describe it, optionally convert it.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("path", help="CompVis .safetensors/.ckpt file or diffusers folder")
-    parser.add_argument("--to_diffusers", default=None, help="write a diffusers folder here")
-    parser.add_argument("--to_compvis", default=None, help="write a CompVis single .safetensors file here")
+    parser.add_argument("--to_diffusers", default=None, help="if given, also write the model as a diffusers folder")
+    parser.add_argument("--to_compvis", default=None,
+                        help="if given, also write the model as one CompVis .safetensors file")
     args = parser.parse_args()
     try:
         sd = load_sd(args.path, verbose=True)

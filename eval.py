@@ -369,25 +369,27 @@ def run(args):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Score generated images (--images), or run the DreamBooth protocol "
-                                     "over a dataset's subjects (--dataset; torchrun shards the subjects).")
+                                     "over a dataset's subjects (--dataset; torchrun shards the subjects).",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--images", default=None, help="folder of generated images to score")
     parser.add_argument("--references", default=None, help="with --images: the subject's reference photos")
     parser.add_argument("--prompt", default=None, help="with --images: the prompt the images were generated from")
     parser.add_argument("--dataset", default=None, help="DreamBooth-layout folder: run the protocol on its subjects")
-    parser.add_argument("--subjects", default="all", help="comma-separated subject names (default: all)")
-    parser.add_argument("--ckpt", default=None, help="base model, as in sample.py (default: the toy model)")
+    parser.add_argument("--subjects", default="all", help="with --dataset: comma-separated subject names, or all")
+    parser.add_argument("--ckpt", default=None, help="with --dataset: the base model, as in sample.py; "
+                        "unset: the toy model")
     parser.add_argument("--scales", default=None, help="train.py output per subject, with {subject} in the path, "
-                        "e.g. runs/peqa/{subject}/personalized.safetensors (default: the base model itself)")
+                        "e.g. runs/peqa/{subject}/personalized.safetensors; unset: score the base model itself")
     parser.add_argument("--token", default="sks", help="the rare identifier the subjects were trained with")
-    parser.add_argument("--n_images", type=int, default=4, help="images per prompt (DreamBooth: 4)")
-    parser.add_argument("--n_prompts", type=int, default=25, help="use the first N of the 25 templates")
-    parser.add_argument("--num_inference_steps", type=int, default=50)
-    parser.add_argument("--guidance_scale", type=float, default=7.5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--n_images", type=int, default=4, help="images per prompt (the DreamBooth protocol uses 4)")
+    parser.add_argument("--n_prompts", type=int, default=25, help="use the first N of the 25 prompt templates")
+    parser.add_argument("--num_inference_steps", type=int, default=50, help="DDIM denoising steps per image")
+    parser.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance when sampling")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the first prompt's images; prompt i uses seed + i")
+    parser.add_argument("--device", default="cpu", help="with --dataset: cpu or cuda, for the model")
     parser.add_argument("--out", default="runs/eval", help="folder for results.json, results.md and grids/")
-    parser.add_argument("--clip", default=None, help="local CLIP ViT-B/32 folder (default: the toy evaluator)")
-    parser.add_argument("--dino", default=None, help="local DINO ViT-S/16 folder (default: the toy evaluator)")
+    parser.add_argument("--clip", default=None, help="local CLIP ViT-B/32 folder; unset: the toy evaluator")
+    parser.add_argument("--dino", default=None, help="local DINO ViT-S/16 folder; unset: the toy evaluator")
     parser.add_argument("--crop_iou", action="store_true", help="measure the local CLIP-I crop against the toy "
                         "subjects' ground-truth boxes and exit")
     args = parser.parse_args()

@@ -364,20 +364,42 @@ def _cube(d, p, x0, y0, x1, y1):
     return [side], [top]
 
 
+def _steam(d, p, x0, x1, y):
+    """Three white wisps rising from a hot drink: the mug's fixed-color cue."""
+    for k in range(3):
+        x = x0 + (k + 0.5) * (x1 - x0) / 3
+        d.line([p(x + 0.04 * math.sin(2.2 * j + k), y - 0.06 * j) for j in range(5)], fill=WHITE,
+               width=int(p(0.045)), joint="curve")
+
+
 def _mug(d, p, cube):
     d.ellipse(p(0.56, 0.34, 0.92, 0.74), outline=KEY, width=int(p(0.08)))  # the handle
     if cube:
         shade, light = _cube(d, p, 0.12, 0.16, 0.7, 0.9)
         d.polygon(p(0.2, 0.24, 0.27, 0.19, 0.62, 0.19, 0.55, 0.24), fill=INK)
+        _steam(d, p, 0.2, 0.62, 0.12)
         return dict(body=p(0.12, 0.16, 0.7, 0.9), mark=(*p(0.4, 0.58), p(0.13)), shade=shade, light=light)
     d.rectangle(p(0.14, 0.22, 0.72, 0.84), fill=KEY)
     d.ellipse(p(0.14, 0.76, 0.72, 0.92), fill=KEY)
-    d.ellipse(p(0.14, 0.14, 0.72, 0.3), fill=KEY)
-    d.ellipse(p(0.18, 0.17, 0.68, 0.27), fill=(70, 40, 25))
+    d.ellipse(p(0.14, 0.14, 0.72, 0.3), fill=WHITE)                        # a white rim around the coffee
+    d.ellipse(p(0.19, 0.175, 0.67, 0.265), fill=(70, 40, 25))
+    _steam(d, p, 0.2, 0.66, 0.1)
     return dict(body=p(0.14, 0.14, 0.72, 0.92), mark=(*p(0.43, 0.57), p(0.14)))
 
 
+def _daisies(d, p, x, y):
+    """Three white daisies on green stems standing in the vase's neck at (x, y): the vase's fixed-color cue."""
+    for dx, dy in ((-0.17, -0.2), (0.0, -0.3), (0.17, -0.2)):
+        cx, cy = x + dx, y + dy
+        d.line(p(x, y + 0.03, cx, cy), fill=(40, 140, 50), width=int(p(0.03)))
+        for k in range(8):
+            a = k * math.pi / 4
+            d.ellipse(_circle(*p(cx + 0.055 * math.cos(a), cy + 0.055 * math.sin(a)), p(0.035)), fill=WHITE)
+        d.ellipse(_circle(*p(cx, cy), p(0.035)), fill=(250, 200, 20))
+
+
 def _vase(d, p, cube):
+    _daisies(d, p, 0.5, 0.06)
     if cube:
         shade, light = _cube(d, p, 0.22, 0.32, 0.8, 0.95)
         d.rectangle(p(0.4, 0.06, 0.6, 0.34), fill=KEY)
@@ -405,13 +427,13 @@ def _backpack(d, p, cube):
 
 
 def _teapot(d, p, cube):
-    d.ellipse(p(0.03, 0.4, 0.33, 0.76), outline=KEY, width=int(p(0.07)))
+    d.ellipse(p(0.03, 0.4, 0.33, 0.76), outline=INK, width=int(p(0.07)))        # a black handle
     d.polygon(p(0.7, 0.55, 0.95, 0.3, 0.99, 0.35, 0.8, 0.78), fill=KEY)
     shade, light = _cube(d, p, 0.16, 0.38, 0.84, 0.92) if cube else ([], [])
     if not cube:
         d.ellipse(p(0.15, 0.36, 0.85, 0.93), fill=KEY)
-    d.ellipse(p(0.33, 0.27, 0.67, 0.43), fill=KEY, outline=INK, width=int(p(0.02)))
-    d.ellipse(p(0.44, 0.18, 0.56, 0.3), fill=KEY)
+    d.ellipse(p(0.3, 0.26, 0.7, 0.44), fill=WHITE, outline=INK, width=int(p(0.02)))  # a white lid
+    d.ellipse(p(0.42, 0.15, 0.58, 0.3), fill=INK)                                     # and a black knob
     return dict(body=p(0.15, 0.36, 0.85, 0.93), mark=(*p(0.5, 0.64), p(0.14)), shade=shade, light=light)
 
 
@@ -439,19 +461,21 @@ def _clock(d, p, cube):
     d.line(p(0.7, 0.8, 0.8, 0.96), fill=INK, width=int(p(0.05)))
     if cube:
         shade, light = _cube(d, p, 0.12, 0.14, 0.9, 0.9)
-        d.rectangle(p(0.22, 0.34, 0.66, 0.8), fill=WHITE)
+        d.rectangle(p(0.18, 0.3, 0.7, 0.84), fill=INK)
+        d.rectangle(p(0.23, 0.35, 0.65, 0.79), fill=WHITE)
         c, rr = p(0.44, 0.57), p(0.2)
     else:
         shade, light = [], []
         d.ellipse(p(0.14, 0.16, 0.86, 0.88), fill=KEY)
-        d.ellipse(p(0.24, 0.26, 0.76, 0.78), fill=WHITE)
-        c, rr = p(0.5, 0.52), p(0.22)
+        d.ellipse(p(0.2, 0.22, 0.8, 0.82), fill=INK)                          # a black bezel
+        d.ellipse(p(0.25, 0.27, 0.75, 0.77), fill=WHITE)
+        c, rr = p(0.5, 0.52), p(0.2)
     for k in range(12):
         a = k * math.pi / 6
         x, y = c[0] + rr * math.cos(a), c[1] + rr * math.sin(a)
-        d.ellipse(_circle(x, y, rr * 0.07), fill=INK)
-    d.line([*c, c[0] - rr * 0.55, c[1] - rr * 0.45], fill=INK, width=int(p(0.035)))
-    d.line([*c, c[0] + rr * 0.65, c[1] - rr * 0.6], fill=INK, width=int(p(0.025)))
+        d.ellipse(_circle(x, y, rr * 0.09), fill=INK)
+    d.line([*c, c[0] - rr * 0.55, c[1] - rr * 0.45], fill=INK, width=int(p(0.06)))
+    d.line([*c, c[0] + rr * 0.65, c[1] - rr * 0.6], fill=INK, width=int(p(0.045)))
     return dict(body=p(0.14, 0.16, 0.86, 0.88), mark=(c[0], c[1] + rr * 0.55, rr * 0.3), face=WHITE,
                 shade=shade, light=light)
 
@@ -472,14 +496,16 @@ def _dog(d, p, cube):
         d.ellipse(p(0.1, 0.36, 0.78, 0.74), fill=KEY)
         d.polygon(p(0.6, 0.42, 0.66, 0.26, 0.8, 0.36, 0.76, 0.5), fill=KEY)
         d.ellipse(_circle(*head), fill=KEY)
-        d.ellipse(p(0.8, 0.3, 0.99, 0.45), fill=KEY)
-    d.ellipse(p(0.93, 0.3, 0.99, 0.37), fill=INK)
+        d.ellipse(p(0.8, 0.3, 0.99, 0.45), fill=WHITE)                          # a white muzzle
+    if cube:
+        d.rectangle(p(0.86, 0.3, 0.99, 0.44), fill=WHITE)
+    d.ellipse(p(0.92, 0.29, 0.99, 0.37), fill=INK)
     ear = p(0.64, 0.18, 0.73, 0.15, 0.71, 0.5, 0.62, 0.46)
-    d.polygon(ear, fill=KEY)
+    d.polygon(ear, fill=INK)                                                     # a black ear
     d.ellipse(p(0.78, 0.24, 0.82, 0.28), fill=INK)
     return dict(body=p(0.1, 0.14, 0.99, 0.93), mark=(*p(0.38, 0.52), p(0.11)), head=head, eyes=[p(0.8, 0.26)],
                 neck=[p(0.6, 0.32), p(0.7, 0.5)], torso=p(0.27, 0.4, 0.72, 0.7), paws=[p(x, 0.86, x + 0.09, 0.93)
-                for x in (0.16, 0.3, 0.52, 0.64)], shade=shade + [ear], light=light)
+                for x in (0.16, 0.3, 0.52, 0.64)], shade=shade, light=light)
 
 
 def _cat(d, p, cube):
@@ -501,10 +527,15 @@ def _cat(d, p, cube):
     paws = [p(x, 0.86, x + 0.15, 0.96) for x in (0.3, 0.55)]
     for paw in paws:
         d.ellipse(paw, fill=KEY)
+    d.ellipse(p(0.37, 0.5, 0.63, 0.76), fill=WHITE)                             # a white chest
+    d.ellipse(p(0.4, 0.31, 0.6, 0.43), fill=WHITE)                              # and muzzle
     eyes = [p(0.42, 0.28), p(0.58, 0.28)]
     for x, y in eyes:
-        d.ellipse(_circle(x, y, p(0.03)), fill=INK)
-    d.polygon(p(0.47, 0.34, 0.53, 0.34, 0.5, 0.38), fill=(230, 120, 140))
+        d.ellipse(_circle(x, y, p(0.035)), fill=INK)
+    d.polygon(p(0.46, 0.33, 0.54, 0.33, 0.5, 0.38), fill=(230, 120, 140))
+    for s in (-1, 1):                                                            # whiskers
+        for dy in (-0.025, 0.025):
+            d.line(p(0.5 + s * 0.08, 0.37 + dy, 0.5 + s * 0.25, 0.35 + 2 * dy), fill=INK, width=int(p(0.015)))
     return dict(body=p(0.24, 0.02, 0.76, 0.96), mark=(*p(0.5, 0.64), p(0.1)), head=head, eyes=eyes,
                 neck=[p(0.36, 0.47), p(0.64, 0.47)], torso=p(0.31, 0.5, 0.69, 0.88), paws=paws, shade=shade,
                 light=light)
@@ -546,6 +577,10 @@ MARKINGS = {
     "moon": lambda d, a, c: (d.ellipse(_circle(*a["mark"]), fill=c),
                              d.ellipse(_circle(a["mark"][0] + 0.45 * a["mark"][2], a["mark"][1] - 0.2 * a["mark"][2],
                                                0.8 * a["mark"][2]), fill=a["face"])),
+    "cross": lambda d, a, c: [d.rectangle((a["mark"][0] - w * a["mark"][2], a["mark"][1] - h * a["mark"][2],
+                                           a["mark"][0] + w * a["mark"][2], a["mark"][1] + h * a["mark"][2]), fill=c)
+                              for w, h in ((1.0, 0.33), (0.33, 1.0))],
+    "ring": lambda d, a, c: d.ellipse(_circle(*a["mark"]), outline=c, width=max(2, int(0.38 * a["mark"][2]))),
     "patch": lambda d, a, c: d.ellipse(_circle(*a["eyes"][0], a["head"][2] * 0.45), fill=c),
     "socks": lambda d, a, c: [d.ellipse(b, fill=c) for b in a["paws"]],
 }

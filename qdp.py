@@ -144,30 +144,36 @@ def report(args, out, rows, grids, refs, subject, cls, seconds):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Quantize SD v1, personalize it by its scales (baseline, S1, S2), "
-                                "sample, evaluate and report; the toy world by default.")
-    p.add_argument("--ckpt", default=str(ckpt.TOY_CKPT), help="FP SD v1 checkpoint (default: the toy model)")
+                                "sample, evaluate and report; the toy world by default.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", default=str(ckpt.TOY_CKPT), help="float SD v1 checkpoint (file or diffusers folder)")
     p.add_argument("--subject", default="dog_patch", help="toy subject (assets/toy/dreambooth) when no "
                    "--instance_data_dir is given")
-    p.add_argument("--instance_data_dir", default=None, help="folder of 3-6 photos of your subject")
+    p.add_argument("--instance_data_dir", default=None, help="folder of 3-6 photos of your subject; unset: --subject")
     p.add_argument("--class_name", default=None, help="with --instance_data_dir: the subject's class, e.g. dog")
-    p.add_argument("--token", default="sks", help="the rare identifier")
-    p.add_argument("--methods", default="baseline,s1,s2", help=f"comma-separated, of {', '.join(METHODS)}")
-    p.add_argument("--wbits", type=int, choices=[4, 8], default=4)
-    p.add_argument("--abits", type=int, choices=[8, 32], default=8)
+    p.add_argument("--token", default="sks", help="the rare identifier, as in 'a photo of sks dog'")
+    p.add_argument("--methods", default="baseline,s1,s2", help=f"methods to train, comma-separated, of "
+                   f"{', '.join(METHODS)}")
+    p.add_argument("--wbits", type=int, choices=[4, 8], default=4, help="weight bits of the quantized model")
+    p.add_argument("--abits", type=int, choices=[8, 32], default=8, help="activation bits (32: float activations)")
     p.add_argument("--quant_iters", type=int, default=None, help="AdaRound and activation-step "
-                   "iterations per block (default: quant.py's preset for the model)")
-    p.add_argument("--max_train_steps", type=int, default=None, help="default: train.py's for the model")
-    p.add_argument("--num_class_images", type=int, default=None, help="default: 20 on the toy model, 100 on SD")
+                   "iterations per block; unset: quant.py's preset for the model")
+    p.add_argument("--max_train_steps", type=int, default=None, help="training steps per method; unset: train.py's "
+                   f"for the model ({train.REAL_DEFAULTS['max_train_steps']} on SD, "
+                   f"{train.TOY_DEFAULTS['max_train_steps']} on the toy model)")
+    p.add_argument("--num_class_images", type=int, default=None, help="class images for the prior preservation "
+                   "loss; unset: 20 on the toy model, 100 on SD")
     p.add_argument("--n_prompts", type=int, default=None, help="the first N evaluation templates, of every "
-                   "third of the 25 on the toy model (9) or of all 25 on SD (default: all of them)")
-    p.add_argument("--n_images", type=int, default=None, help="images per prompt (default 2 toy, 4 SD)")
-    p.add_argument("--num_inference_steps", type=int, default=50)
-    p.add_argument("--guidance_scale", type=float, default=7.5)
-    p.add_argument("--clip", default=None, help="local CLIP ViT-B/32 folder (toy model: the toy evaluator by "
-                   "default; SD: without --clip and --dino the samples are drawn but not scored)")
+                   "third of the 25 on the toy model (9) or of all 25 on SD; unset: all of them")
+    p.add_argument("--n_images", type=int, default=None, help="images per prompt; unset: 2 on the toy model, 4 on SD")
+    p.add_argument("--num_inference_steps", type=int, default=50, help="DDIM denoising steps per image")
+    p.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance when sampling")
+    p.add_argument("--clip", default=None, help="local CLIP ViT-B/32 folder; unset: the toy evaluator on the toy "
+                   "model, while on SD the samples are drawn but not scored (give --clip and --dino together)")
     p.add_argument("--dino", default=None, help="local DINO ViT-S/16 folder (see --clip)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0, help="seeds the training runs and the evaluation samples")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda (cuda where available)")
     p.add_argument("--out", default="runs/qdp", help="output folder; a rerun reuses its finished stages")
     args = p.parse_args(argv)
     args.methods = args.methods.split(",")

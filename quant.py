@@ -756,36 +756,48 @@ def sha256(path):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Quantize an SD v1 UNet to integer weights (Q-Diffusion).")
+    parser = argparse.ArgumentParser(description="Quantize an SD v1 UNet to integer weights (Q-Diffusion).",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    preset = lambda k: f"unset: the preset's ({', '.join(f'{name} {v[k]:g}' for name, v in PRESETS.items())})"
     # model
-    parser.add_argument("--ckpt", default=str(ckpt.TOY_CKPT), help="SD v1 checkpoint (default: the embedded toy model)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    parser.add_argument("--ckpt", default=str(ckpt.TOY_CKPT), help="float SD v1 checkpoint (file or diffusers folder)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda (cuda where available)")
     # quantization
     parser.add_argument("--wbits", type=int, choices=[4, 8], default=4, help="weight bits")
     parser.add_argument("--abits", type=int, choices=[8, 32], default=8, help="activation bits (32: float)")
-    parser.add_argument("--softmax_bits", type=int, default=16, help="bits of the attention probabilities")
+    parser.add_argument("--softmax_bits", type=int, default=16, help="bits of the attention probabilities, 2..16")
     parser.add_argument("--method", choices=["adaround", "rtn"], default="adaround",
                         help="learned rounding (AdaRound + BRECQ) or round-to-nearest, the baseline")
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="defaults of the flags below: "
-                        "qdiffusion (Q-Diffusion's SD recipe) or fast (default for the toy model)")
+                        "qdiffusion (Q-Diffusion's SD recipe) or fast; unset: fast for the toy model, qdiffusion "
+                        "for others")
     # calibration data
-    parser.add_argument("--calib_prompts", default=None, help="text file, one prompt per line (default: built in)")
-    parser.add_argument("--n_prompts", type=int, default=None, help="prompts to sample (default: the preset's)")
-    parser.add_argument("--num_inference_steps", "--calib_steps", type=int, default=None, help="DDIM steps to sample")
-    parser.add_argument("--calib_every", type=int, default=None, help="keep the UNet inputs of every n-th step")
+    parser.add_argument("--calib_prompts", default=None, help="text file, one prompt per line; unset: built-in prompts")
+    parser.add_argument("--n_prompts", type=int, default=None, help=f"prompts to sample; {preset('n_prompts')}")
+    parser.add_argument("--num_inference_steps", "--calib_steps", type=int, default=None,
+                        help=f"DDIM steps to sample each prompt with; {preset('num_inference_steps')}")
+    parser.add_argument("--calib_every", type=int, default=None,
+                        help=f"keep the UNet inputs of every n-th step; {preset('calib_every')}")
     parser.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance when sampling")
-    parser.add_argument("--calib_data", default=None, help="reuse calibration data written by --save_calib")
+    parser.add_argument("--calib_data", default=None, help="reuse calibration data written by --save_calib "
+                        "instead of sampling")
     parser.add_argument("--save_calib", default=None, help="write the calibration data to this .safetensors file")
     # reconstruction
-    parser.add_argument("--iters", type=int, default=None, help="AdaRound iterations per block or layer")
-    parser.add_argument("--act_iters", type=int, default=None, help="activation step iterations per block or layer")
-    parser.add_argument("--batch_size", type=int, default=None, help="calibration samples per iteration")
-    parser.add_argument("--lr", type=float, default=None, help="Adam learning rate of the rounding variables")
+    parser.add_argument("--iters", type=int, default=None,
+                        help=f"AdaRound iterations per block or layer, 0 skips; {preset('iters')}")
+    parser.add_argument("--act_iters", type=int, default=None,
+                        help=f"activation step iterations per block or layer, 0 skips; {preset('act_iters')}")
+    parser.add_argument("--batch_size", type=int, default=None,
+                        help=f"calibration samples per iteration; {preset('batch_size')}")
+    parser.add_argument("--lr", type=float, default=None,
+                        help=f"Adam learning rate of the rounding variables; {preset('lr')}")
     parser.add_argument("--act_lr", type=float, default=None, help="Adam learning rate of the activation steps, "
-                        "relative to each step")
+                        f"relative to each step; {preset('act_lr')}")
     # run
     parser.add_argument("--seed", type=int, default=0, help="seeds the prompts, latents and minibatches")
-    parser.add_argument("--out", default=None, help="output .safetensors (default: out/<ckpt>_w<b>a<b>_<method>...)")
+    parser.add_argument("--out", default=None, help="output .safetensors file; "
+                        "unset: out/<ckpt name>_w<wbits>a<abits>_<method>.safetensors")
     args = parser.parse_args(argv)
 
     given = lambda *flags: [f"--{f}" for f in flags if getattr(args, f) is not None]

@@ -293,26 +293,30 @@ def size_of(path):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Generate images with Stable Diffusion v1.")
+    parser = argparse.ArgumentParser(description="Generate images with Stable Diffusion v1.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # model
-    parser.add_argument("--ckpt", default=str(ckpt.TOY_CKPT),
-                        help="CompVis single-file checkpoint or diffusers folder (default: the embedded toy model)")
+    parser.add_argument("--ckpt", default=str(ckpt.TOY_CKPT), help="CompVis single-file checkpoint or diffusers folder")
     parser.add_argument("--scales", default=None, help="train.py's personalized.safetensors for this --ckpt "
-                        "(PEQA scales, S2 experts, or full weights)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+                        "(PEQA scales, S2 experts, or full weights); unset: the --ckpt model as it is")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda (cuda where available)")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
-                        help="weights and activations; default float16 on cuda, float32 on cpu")
+                        help="dtype of the weights and activations; unset: float16 on cuda, float32 on cpu")
     # prompt
     parser.add_argument("--prompt", default=None, help="what to draw (optional with --export)")
-    parser.add_argument("--negative_prompt", default="", help="what to steer away from (the unconditional prompt)")
+    parser.add_argument("--negative_prompt", default="", help="what to steer away from (the unconditional prompt); "
+                        "empty: plain classifier-free guidance")
     # sampling
     parser.add_argument("--seed", type=int, default=0, help="seeds the CPU generator for x_T and DDIM's eta noise")
     parser.add_argument("--num_inference_steps", type=int, default=50, help="denoising steps (PLMS makes one more)")
     parser.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance; <=1 disables")
-    parser.add_argument("--height", type=int, default=None, help="image height in pixels, a multiple of 8 "
-                        "(default: the model's own size, 512 for SD v1, 64 for the toy model)")
-    parser.add_argument("--width", type=int, default=None, help="image width in pixels, a multiple of 8 (default: as height)")
-    parser.add_argument("--scheduler", choices=SCHEDULERS, default="ddim", help="DDIM, or PNDM's linear multistep")
+    parser.add_argument("--height", type=int, default=None, help="image height in pixels, a multiple of 8; "
+                        "unset: the model's own size, 512 for SD v1, 64 for the toy model")
+    parser.add_argument("--width", type=int, default=None, help="image width in pixels, a multiple of 8; "
+                        "unset: as --height")
+    parser.add_argument("--scheduler", choices=SCHEDULERS, default="ddim",
+                        help="ddim, or plms: PNDM's linear multistep")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like")
     parser.add_argument("--num_images_per_prompt", type=int, default=1, help="images to draw, in one batch")
     # output
@@ -322,11 +326,13 @@ def parse_args(argv=None):
                         "checkpoint, its UNet dequantized: a .safetensors/.ckpt file or a diffusers folder; samples "
                         "too only if --prompt is given")
     parser.add_argument("--export_format", choices=["compvis", "diffusers"], default=None,
-                        help="default: compvis for a path ending in .safetensors or .ckpt, diffusers otherwise")
+                        help="layout of --export; unset: compvis for a path ending in .safetensors or .ckpt, "
+                        "diffusers otherwise")
     parser.add_argument("--export_dtype", choices=sorted(EXPORT_DTYPES), default=None,
-                        help="dtype of the exported weights (default fp16)")
+                        help="dtype of the exported weights; unset: fp16")
     parser.add_argument("--expert", type=int, default=None, help="S2: use expert K's scales at every timestep; "
-                        "--export needs it when --scales holds several experts")
+                        "--export needs it when --scales holds several experts; unset: the experts take turns as "
+                        "t falls")
     parser.add_argument("--overwrite", action="store_true", help="let --export replace an existing file or folder")
     args = parser.parse_args(argv)
 

@@ -467,19 +467,22 @@ STUDIES = {"tradeoff": study_tradeoff, "main": study_main, "experts": study_expe
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="The paper's studies in the toy world: tables, plots, README sections.")
-    p.add_argument("study", choices=sorted(STUDIES))
-    p.add_argument("--subjects", default="all", help="comma-separated toy subjects (default: all 10)")
-    p.add_argument("--workers", type=int, default=2, help="single-threaded jobs side by side")
+    p = argparse.ArgumentParser(description="The paper's studies in the toy world: tables, plots, README sections.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("study", choices=sorted(STUDIES), help="which study to run (see the module docstring)")
+    p.add_argument("--subjects", default="all", help="comma-separated toy subjects, or all")
+    p.add_argument("--workers", type=int, default=2, help="number of single-threaded jobs run side by side")
     p.add_argument("--out", default="runs/studies", help="cache of runs, scores and class images")
-    p.add_argument("--steps", default="50,100,200,400", help="tradeoff: training steps to score at")
-    p.add_argument("--train_steps", type=int, default=200, help="main/experts/intervals: steps per run (train.py's "
-                   "toy default)")
-    p.add_argument("--n_prompts", type=int, default=9, help="of the every-third templates (9 at most)")
+    p.add_argument("--steps", default="50,100,200,400", help="tradeoff: comma-separated training steps to score at")
+    p.add_argument("--train_steps", type=int, default=200, help="main/experts/intervals: training steps per run "
+                   "(train.py's toy default)")
+    p.add_argument("--n_prompts", type=int, default=9, help="use the first N of every third DreamBooth template "
+                   "(9 at most)")
     p.add_argument("--n_images", type=int, default=2, help="images per prompt")
     p.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps per image")
-    p.add_argument("--num_class_images", type=int, default=20, help="class images for the prior, per class")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num_class_images", type=int, default=20, help="class images for the prior preservation loss, "
+                   "per class")
+    p.add_argument("--seed", type=int, default=0, help="seeds the training runs and the evaluation samples")
     p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                    help="main/experts: measure each method's peak memory in a process of its own")
     p.add_argument("--readme", action=argparse.BooleanOptionalAction, default=True,

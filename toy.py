@@ -1,25 +1,31 @@
-"""The toy world's models and their one-command pretraining, on 2 CPU cores.
+"""The toy world's models, their one-command pretraining on 2 CPU cores, and the ceiling chain that measures them.
 
 No pretrained SD exists on a CPU-only machine, so qdp ships a world of its own (world.py draws captioned 64x64 scenes)
 and pretrains here, at a small size, the same stack SD v1 uses (latent diffusion, arXiv 2112.10752):
   1. the VAE (vae.py, `toy` preset): 64x64 images <-> 16x16x4 latents;
-  2. a CLIP trained contrastively on the world (arXiv 2103.00020); its text tower, frozen, conditions the UNet;
-  3. the UNet (unet.py, `toy` preset) on the VAE's latents, eps-prediction with SD v1's noise schedule and 10% empty
-     captions for classifier-free guidance (arXiv 2207.12598);
-  4. the evaluators: a second CLIP, trained separately, for CLIP-I/CLIP-T, and a ViT trained without labels
-     (SimCLR's contrastive views, arXiv 2002.05709) standing in for DINO (arXiv 2104.14294).
+  2. a CLIP trained contrastively on the world (arXiv 2103.00020), with a class contrast (UniCL, arXiv 2204.03610);
+     its text tower, frozen, conditions the UNet;
+  3. the UNet (unet.py, `toy` preset) on the VAE's latents, eps-prediction with SD v1's noise schedule, min-SNR
+     weighting (arXiv 2303.09556) and 10% empty captions for classifier-free guidance (arXiv 2207.12598);
+  4. the evaluators, trained apart from the SD model: a second CLIP for CLIP-I/CLIP-T, and a ViT trained without
+     labels (SimCLR's contrastive views, arXiv 2002.05709, of one object on two backgrounds) standing in for DINO
+     (arXiv 2104.14294).
+`--report` measures the ceiling chain: how much of what makes an image itself survives each stage (real renders, VAE
+reconstructions, UNet samples, personalized samples), read by the evaluators.
 It lives apart from the method's modules because it belongs to neither the method nor the SD model: it only makes
 the embedded default model (assets/toy/) that every script falls back to when no --ckpt is given.
 
-    python toy.py                              # pretrain everything (about 25 min on 2 cores); rerun to resume
+    python toy.py                              # pretrain everything (about 50 min on 2 cores); rerun to resume
+    python toy.py --stages eval_clip,dino      # retrain the evaluators alone, the SD model kept
     python toy.py --scale 0.02 --out runs/toy_smoke --no_export   # every stage in a minute, for a smoke test
+    python toy.py --report                     # the ceiling chain of the shipped models
 """
 import argparse
 import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -44,20 +50,23 @@ SIZE = 64  # image side; the VAE makes 16x16x4 latents of it
 class Plan:
     """Steps, batch sizes and learning rates of each stage; `scale` shrinks every step count (smoke runs)."""
     n_images: int = 24000
-    vae_steps: int = 600
+    vae_steps: int = 6000
     vae_batch: int = 32
     vae_lr: float = 2e-3
+    vae_kl: float = 1e-4                           # weight of the KL term (per latent element, against per-pixel L1+L2)
     clip_steps: int = 600
     clip_batch: int = 128
     clip_lr: float = 2e-3
     class_only: float = 0.3                        # share of CLIP captions that name only the class
-    unet_steps: int = 4600
+    class_contrast: float = 1.0                    # weight of the image-vs-8-class-prompts loss of both CLIPs
+    unet_steps: int = 6000
     unet_batch: int = 32
     unet_lr: float = 1e-3
     min_snr: float = 5.0                           # min-SNR-gamma loss weighting of the UNet
-    eval_clip_steps: int = 1000
-    dino_steps: int = 500
+    eval_clip_steps: int = 1500
+    dino_steps: int = 600
     dino_batch: int = 96
+    dino_twins: bool = True                        # positive pairs: one object on two backgrounds, in two poses
     seed: int = 0
 
     def scaled(self, scale):
@@ -88,14 +97,32 @@ def dino_config():
 # data: rendered once per run, captions drawn afresh at every step
 
 
+def as_uint8(images):
+    return torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in images])
+
+
 class Data:
     """`n` training scenes of the world as uint8 images (n,3,64,64), and their scenes for captioning."""
 
     def __init__(self, n, seed):
         rng = random.Random(seed)
+        self.seed = seed
         self.scenes = [world.sample_scene(rng, split="train") for _ in range(n)]
-        images = [world.render(s, seed=seed * 1_000_003 + i)[0] for i, s in enumerate(tqdm(self.scenes, "render"))]
-        self.images = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in images])
+        self.images = as_uint8(world.render(s, seed=seed * 1_000_003 + i)[0]
+                               for i, s in enumerate(tqdm(self.scenes, "render scenes")))
+        self._twins = None
+
+    def twins(self):
+        """The same objects (class, color, pattern, property, accessory) in another pose on another background:
+        the views that teach the DINO stand-in what an object is, whatever lies behind it. Rendered once, on first
+        use, and only by the stage that needs them."""
+        if self._twins is None:
+            rng = random.Random(self.seed + 77)
+            self.twin_scenes = [replace(s, context=rng.choice([c for c in world.CONTEXTS if c != s.context]))
+                                for s in self.scenes]
+            self._twins = as_uint8(world.render(s, seed=self.seed * 1_000_003 + 500_000 + i)[0]
+                                   for i, s in enumerate(tqdm(self.twin_scenes, "render twins")))
+        return self._twins
 
     def batch(self, step, size, seed):
         """The indices, pixels in [-1, 1] and fresh captions of batch `step`: a pure function of (seed, step),
@@ -178,7 +205,7 @@ def fit(name, model, loss_fn, steps, lr, out, params=None, ema=None, save_every=
 
 def train_vae(data, plan, out):
     """Reconstruction (L1 + L2) with a light KL pull towards N(0, 1), as SD's VAE but without its GAN and LPIPS,
-    on 32x32 crops of the 64x64 images."""
+    on 32x32 crops of the 64x64 images, in bfloat16 autocast (1.8x faster on a CPU with AVX512-BF16)."""
     torch.manual_seed(plan.seed)
     model = vae_lib.AutoencoderKL(vae_lib.toy())
 
@@ -186,11 +213,12 @@ def train_vae(data, plan, out):
         _, x, _ = data.batch(step, plan.vae_batch, plan.seed + 1)
         y0, x0 = (step * 7) % 33, (step * 13) % 33        # the VAE is convolutional: 32x32 crops cost a quarter
         x = x[:, :, y0:y0 + 32, x0:x0 + 32]
-        mean, logvar = model.encode(x)
-        z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
-        rec = model.decode(z)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mean, logvar = (v.float() for v in model.encode(x))
+            z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+            rec = model.decode(z).float()
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
-        return (rec - x).abs().mean() + (rec - x).pow(2).mean() + 1e-4 * kl
+        return (rec - x).abs().mean() + (rec - x).pow(2).mean() + plan.vae_kl * kl
 
     fit("vae", model, loss_fn, plan.vae_steps, plan.vae_lr, out)
     with torch.no_grad():                               # SD's 0.18215 was 1/std of its latents; measure ours
@@ -216,10 +244,22 @@ def train_clip(data, plan, out, name="clip", seed_offset=2, vision_width=64, vis
         # padded to the longest caption, not to 77: the text tower is causal, so a token's state never depends on
         # the padding after it, and training costs a fraction
         ids = tokenizer(captions, padding="longest", return_tensors="pt").input_ids
-        return model(input_ids=ids, pixel_values=x, return_loss=True).loss
+        out = model(input_ids=ids, pixel_values=x, return_loss=True)
+        if not plan.class_contrast:
+            return out.loss
+        # class contrast (as UniCL, arXiv 2204.03610): each image also picks its class among the 8 class prompts,
+        # so that shape is learned even where color and background already tell a batch's images apart
+        names = tokenizer(CLASS_PROMPTS, padding="longest", return_tensors="pt").input_ids
+        classes = F.normalize(model.text_projection(model.text_model(input_ids=names).pooler_output), dim=-1)
+        logits = model.logit_scale.exp() * F.normalize(out.image_embeds, dim=-1) @ classes.T
+        target = torch.tensor([world.CLASSES.index(data.scenes[i].cls) for i in idx.tolist()])
+        return out.loss + plan.class_contrast * F.cross_entropy(logits, target)
 
     fit(name, model, loss_fn, steps, plan.clip_lr, out)
     return model.eval()
+
+
+CLASS_PROMPTS = [f"a photo of a {c}" for c in world.CLASSES]
 
 
 def text_tower(clip):
@@ -264,16 +304,21 @@ def train_unet(data, vae, text_encoder, plan, out):
 
 
 def train_dino(data, plan, out):
-    """A ViT trained without labels: two augmented views of an image must find each other in the batch (NT-Xent)."""
+    """A ViT trained without labels: two augmented views must find each other in the batch (NT-Xent). The views are
+    crops of one object in two renders that differ in background and pose (`Data.twins`), so that the embedding
+    tells objects apart rather than backgrounds, as subject retrieval needs."""
     torch.manual_seed(plan.seed + 5)
     model = ViTModel(dino_config(), add_pooling_layer=False)
     head = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 64))
     both = torch.nn.ModuleDict({"vit": model, "head": head})
 
+    twins = data.twins() if plan.dino_twins else None
+
     def loss_fn(step):
-        _, x, _ = data.batch(step, plan.dino_batch, plan.seed + 5)
+        idx, x, _ = data.batch(step, plan.dino_batch, plan.seed + 5)
         g = torch.Generator().manual_seed(plan.seed * 15485863 + step)
-        views = torch.cat([augment(x, g), augment(x, g)])
+        other = x if twins is None else twins[idx].float() / 127.5 - 1
+        views = torch.cat([augment(x, g), augment(other, g)])
         z = F.normalize(head(model(pixel_values=views).last_hidden_state[:, 0]), dim=-1)
         sim = z @ z.T / 0.1
         sim.fill_diagonal_(float("-inf"))
@@ -293,15 +338,18 @@ def half(sd):
     return {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
 
 
-def export(sd_model, eval_clip, dino, folder=ASSETS):
-    """fp16 files: the SD part in the CompVis layout (loads with ckpt.load_sd) and the evaluators with their configs."""
-    folder.mkdir(parents=True, exist_ok=True)
-    ckpt.save_compvis(sd_model, folder / SD_FILE.name, dtype=torch.float16)
+def export_sd(sd_model, folder=ASSETS, meta=None):
+    """The SD part as one fp16 file in the CompVis layout (it loads with ckpt.load_sd)."""
+    ckpt.save_compvis(sd_model, Path(folder) / SD_FILE.name, dtype=torch.float16, metadata=meta)
+
+
+def export_evaluators(eval_clip, dino, folder=ASSETS, meta=None):
+    """The evaluators as one fp16 file, with their transformers configs in its metadata."""
     tensors = {**{"clip." + k: v for k, v in eval_clip.state_dict().items()},
                **{"dino." + k: v for k, v in dino.state_dict().items()}}
     meta = {"format": "pt", "clip_config": json.dumps(eval_clip.config.to_dict()),
-            "dino_config": json.dumps(dino.config.to_dict())}
-    ckpt.atomic_save(half(tensors), folder / EVAL_FILE.name, meta)
+            "dino_config": json.dumps(dino.config.to_dict()), **(meta or {})}
+    ckpt.atomic_save(half(tensors), Path(folder) / EVAL_FILE.name, meta)
 
 
 def load_evaluators(path=EVAL_FILE):
@@ -465,7 +513,7 @@ def draw_subjects(sd_model, prompt, n_images, steps, guidance_scale, seed, perso
 
 
 def report(sd_model, ev, n=128, n_subject=8, steps=50, guidance_scale=7.5, seed=0, grid_path=None,
-           personalized=None, base_path=None):
+           personalized=None, base_path=None, vae_grid_path=None):
     """The pretrained world's numbers: the ceiling chain (see `ceiling_chain`) on n held-out scenes (prompts whose
     class/color/context triple was never in pretraining), and how close "a photo of a <class>" samples come to
     each subject (subject fidelity) against the references' fidelity to each other."""
@@ -494,6 +542,13 @@ def report(sd_model, ev, n=128, n_subject=8, steps=50, guidance_scale=7.5, seed=
     if grid_path is not None:
         Path(grid_path).parent.mkdir(parents=True, exist_ok=True)
         world.grid(list(zip(fake[:32], prompts[:32]))).save(grid_path)
+    if vae_grid_path is not None:                   # renders above their reconstructions, subjects included
+        firsts = [ref_labels.index(name) for name in list(world.SUBJECTS)[::len(world.SUBJECTS) // 8][:8]]
+        refs_recon = reconstruct(sd_model.vae, [refs[i] for i in firsts])
+        cells = [(im, "render") for im in real[:8]] + [(im, "VAE") for im in recon[:8]]
+        cells += [(refs[i], ref_labels[i]) for i in firsts] + [(im, "VAE") for im in refs_recon]
+        Path(vae_grid_path).parent.mkdir(parents=True, exist_ok=True)
+        world.grid(cells, cols=8, zoom=3).save(vae_grid_path)
     return {"chain": chain, "subjects": subjects,
             "settings": dict(n=n, steps=steps, guidance_scale=guidance_scale, seed=seed, n_subject=n_subject,
                              personalized=personalized, base=None if base_path is None else str(base_path))}
@@ -525,33 +580,92 @@ def report_markdown(r):
     return "\n".join(lines)
 
 
-def pretrain(plan, out, do_export=True):
+STAGES = ("vae", "clip", "unet", "eval_clip", "dino")
+SD_STAGES, EVAL_STAGES = STAGES[:3], STAGES[3:]
+
+
+def pretrain(plan, out, stages=STAGES, export_to=ASSETS):
+    """Train the named stages (each resumes from its checkpoint in `out`) and take the others from the shipped
+    files: the evaluators never depend on the SD model, and the UNet needs only the VAE and the conditioning text
+    tower. Writes the SD file if an SD stage ran and the evaluators' file if an evaluator did, into `export_to`
+    (None: nowhere), each recording the plan that made it. Returns (sd_model, eval_clip, dino, seconds per stage)."""
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stages {unknown}; choose among {', '.join(STAGES)}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "plan.json").write_text(json.dumps(asdict(plan), indent=2))
+    seconds, t0 = {}, time.time()
+
+    def announce(name, what):
+        print(f"[{STAGES.index(name) + 1}/{len(STAGES)}] {name}: {what}", flush=True)
+
     data = Data(plan.n_images, plan.seed)
-    vae = train_vae(data, plan, out)
-    clip = train_clip(data, plan, out)
-    text_encoder = text_tower(clip)
-    unet = train_unet(data, vae, text_encoder, plan, out)
-    eval_clip = train_clip(data, plan, out, name="eval_clip", seed_offset=4, vision_width=96, vision_layers=4)
-    dino = train_dino(data, plan, out)
-    sd_model = ckpt.StableDiffusion(unet, vae, text_encoder, ckpt.load_tokenizer())
-    if do_export:
-        export(sd_model, eval_clip, dino)
-    return sd_model, eval_clip, dino
+    seconds["render"] = time.time() - t0
+    shipped = ckpt.load_sd(SD_FILE) if set(SD_STAGES) - set(stages) else None
+    sd_parts = {}
+    for name, steps, what in (("vae", plan.vae_steps, "the autoencoder"), ("clip", plan.clip_steps,
+                              "the conditioning CLIP"), ("unet", plan.unet_steps, "the UNet")):
+        if name not in stages:
+            announce(name, "taken from the shipped model")
+            continue
+        announce(name, f"training {what}, {steps} steps")
+        t = time.time()
+        if name == "vae":
+            sd_parts["vae"] = train_vae(data, plan, out)
+        elif name == "clip":
+            sd_parts["text_encoder"] = text_tower(train_clip(data, plan, out))
+        else:
+            sd_parts["unet"] = train_unet(data, sd_parts.get("vae") or shipped.vae,
+                                          sd_parts.get("text_encoder") or shipped.text_encoder, plan, out)
+        seconds[name] = time.time() - t
+        print(f"    {name} done in {seconds[name]:.0f} s", flush=True)
+    evaluators = {}
+    for name, steps in (("eval_clip", plan.eval_clip_steps), ("dino", plan.dino_steps)):
+        if name not in stages:
+            announce(name, "taken from the shipped evaluators")
+            continue
+        announce(name, f"training the {'evaluation CLIP' if name == 'eval_clip' else 'DINO stand-in'}, {steps} steps")
+        t = time.time()
+        evaluators[name] = (train_clip(data, plan, out, name="eval_clip", seed_offset=4, vision_width=96,
+                                       vision_layers=4) if name == "eval_clip" else train_dino(data, plan, out))
+        seconds[name] = time.time() - t
+        print(f"    {name} done in {seconds[name]:.0f} s", flush=True)
+    if len(evaluators) < 2:
+        clip, dino = load_evaluators()
+        evaluators = {"eval_clip": clip, "dino": dino, **evaluators}
+    sd_model = ckpt.StableDiffusion(sd_parts.get("unet") or shipped.unet, sd_parts.get("vae") or shipped.vae,
+                                    sd_parts.get("text_encoder") or shipped.text_encoder, ckpt.load_tokenizer())
+    meta = {"qdp.toy_plan": json.dumps(asdict(plan))}
+    if export_to is not None:
+        if set(stages) & set(SD_STAGES):
+            export_sd(sd_model, export_to, {**meta, "qdp.toy_stages": ",".join(s for s in stages if s in SD_STAGES)})
+        if set(stages) & set(EVAL_STAGES):
+            export_evaluators(evaluators["eval_clip"], evaluators["dino"], export_to,
+                              {**meta, "qdp.toy_stages": ",".join(s for s in stages if s in EVAL_STAGES)})
+    seconds["total"] = time.time() - t0
+    print("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()), flush=True)
+    return sd_model, evaluators["eval_clip"], evaluators["dino"], seconds
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Pretrain the toy world's models (resumable).")
-    parser.add_argument("--out", default="runs/toy", help="folder for resumable stage checkpoints")
+    parser = argparse.ArgumentParser(description="Pretrain the toy world's models (resumable).",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--out", default="runs/toy", help="folder for resumable stage checkpoints (and for "
+                        "--report's report.json and report.md)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every stage's step count (smoke runs)")
     parser.add_argument("--no_export", action="store_true", help="do not overwrite the shipped models in assets/toy")
+    parser.add_argument("--stages", default=",".join(STAGES),
+                        help="comma-separated subset of the stages to train; the others are taken from the shipped "
+                        "files")
     parser.add_argument("--report", action="store_true",
                         help="skip training: measure the shipped models (zero-shot accuracy, subject fidelity)")
     parser.add_argument("--grid", default="docs/toy_heldout.png", help="with --report: where to save a sample grid")
+    parser.add_argument("--vae_grid", default="docs/toy_vae.png",
+                        help="with --report: where to save renders above their VAE reconstructions")
     parser.add_argument("--personalized", default=None,
                         help="with --report: train.py outputs, one per subject, with {subject} in the path (e.g. "
-                        "runs/full/{subject}/personalized.safetensors), for the chain's personalized row")
+                        "runs/full/{subject}/personalized.safetensors), for the chain's personalized row; "
+                        "unset: no such row")
     parser.add_argument("--personalized_base", default=str(SD_FILE),
                         help="with --personalized: the base model those runs started from")
     args = parser.parse_args()
@@ -562,10 +676,14 @@ if __name__ == "__main__":
     if args.report:
         import eval as metrics
         result = report(ckpt.load_sd(SD_FILE), metrics.load_evaluators(), grid_path=args.grid,
-                        personalized=args.personalized, base_path=args.personalized_base)
+                        personalized=args.personalized, base_path=args.personalized_base,
+                        vae_grid_path=args.vae_grid)
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "report.json").write_text(json.dumps(result, indent=2))
         (Path(args.out) / "report.md").write_text(report_markdown(result) + "\n")
         print(report_markdown(result))
     else:
-        pretrain(Plan().scaled(args.scale), Path(args.out), do_export=not args.no_export)
+        stages = [x for x in args.stages.split(",") if x]
+        if not stages or any(x not in STAGES for x in stages):
+            parser.error(f"--stages takes a comma-separated list of {', '.join(STAGES)}")
+        pretrain(Plan().scaled(args.scale), Path(args.out), stages, None if args.no_export else ASSETS)

@@ -570,48 +570,62 @@ def warn_idle_experts(args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="DreamBooth on a quantized SD v1 model by its scales (PEQA, S1, S2).")
+    p = argparse.ArgumentParser(description="DreamBooth on a quantized SD v1 model by its scales (PEQA, S1, S2).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # model
     p.add_argument("--ckpt", default=None, help="quantized file from quant.py, or an FP checkpoint for --method "
-                   "full (default: the toy model, quantized W4A8 once into runs/ for PEQA)")
+                   "full; unset: the toy model (for PEQA quantized W4A8 once into runs/toy_w4a8.safetensors)")
     p.add_argument("--method", choices=["peqa", "full"], default="peqa", help="peqa: only the scales train; full: "
                    "every UNet weight of an FP model (the DreamBooth reference)")
     p.add_argument("--multi_channel", action="store_true", help="also train a scale per input channel of every "
                    "quantized layer (TuneQDM's multi-channel scale update)")
     p.add_argument("--t_range", default=None, help="S1: train only at t in LO,HI (e.g. 354,933); 'content' for the "
                    "SNR band [1e-2, 1] (see content_interval); 'auto' to choose it per subject by short probe runs "
-                   "(see auto_interval; needs --with_prior_preservation); default all of 0,999")
-    p.add_argument("--n_experts", type=int, default=1, help="S2: scale sets, each owning a timestep interval")
-    p.add_argument("--expert_boundaries", default=None, help="S2: K-1 inner bounds, e.g. 250,500,750 (default uniform)")
-    # data (diffusers' DreamBooth flag names)
-    p.add_argument("--instance_data_dir", required=True, help="folder of 3-6 photos of the subject")
-    p.add_argument("--instance_prompt", required=True, help="prompt with the identifier, e.g. 'a photo of sks dog'")
+                   "(see auto_interval; needs --with_prior_preservation); unset: all of 0,999")
+    p.add_argument("--n_experts", type=int, default=1, help="S2: number of scale sets (experts), each owning a "
+                   "timestep interval; 1: no experts")
+    p.add_argument("--expert_boundaries", default=None, help="S2: K-1 inner bounds, e.g. 250,500,750; "
+                   "unset: K equal intervals")
+    # data (diffusers' DreamBooth flag names); SUPPRESS: no "(default: None)" in --help for the required ones
+    p.add_argument("--instance_data_dir", required=True, default=argparse.SUPPRESS,
+                   help="required: folder of 3-6 photos of the subject")
+    p.add_argument("--instance_prompt", required=True, default=argparse.SUPPRESS,
+                   help="required: prompt with the identifier, e.g. 'a photo of sks dog'")
     p.add_argument("--with_prior_preservation", action="store_true", help="add the class-prior preservation loss")
-    p.add_argument("--class_data_dir", default=None, help="where class images are cached (generated if missing)")
-    p.add_argument("--class_prompt", default=None, help="the subject's class, e.g. 'a photo of a dog'")
-    p.add_argument("--prior_loss_weight", type=float, default=1.0, help="weight of the class MSE")
+    p.add_argument("--class_data_dir", default=None, help="with --with_prior_preservation: where class images are "
+                   "cached (generated if missing)")
+    p.add_argument("--class_prompt", default=None, help="with --with_prior_preservation: the prompt of the "
+                   "subject's class, e.g. 'a photo of a dog'")
+    p.add_argument("--prior_loss_weight", type=float, default=1.0, help="weight of the class-prior loss (an MSE) "
+                   "against the instance loss")
     p.add_argument("--num_class_images", type=int, default=100, help="class images for the prior")
-    p.add_argument("--sample_batch_size", type=int, default=4, help="batch for generating class images")
+    p.add_argument("--sample_batch_size", type=int, default=4, help="images per batch when generating class images")
     p.add_argument("--class_inference_steps", type=int, default=50, help="DDIM steps per class image")
-    p.add_argument("--resolution", type=int, default=None, help="training side in pixels (default: the model's)")
+    p.add_argument("--resolution", type=int, default=None, help="training image side in pixels; unset: the model's "
+                   "own size")
     # optimisation
     p.add_argument("--train_batch_size", type=int, default=1, help="instance examples per step (plus as many class)")
     p.add_argument("--learning_rate", type=float, default=None,
-                   help=f"AdamW lr (default {REAL_DEFAULTS['learning_rate']} as the official code, "
-                        f"{REAL_DEFAULTS['full_learning_rate']} for full; toy model: {TOY_DEFAULTS['learning_rate']}; "
-                        "PEQA's at W4, times 15/255 at W8: scales shrink with the step)")
+                   help="AdamW learning rate; unset, it depends on the model and method: for PEQA "
+                   f"{REAL_DEFAULTS['learning_rate']:g} on SD v1 (the paper's) and {TOY_DEFAULTS['learning_rate']:g} "
+                   "on the toy model with 4-bit weights, and 15/255 (1/17) of that with 8-bit weights, whose scales "
+                   f"are 17 times smaller; for --method full {REAL_DEFAULTS['full_learning_rate']:g} on SD v1 and "
+                   f"{TOY_DEFAULTS['full_learning_rate']:g} on the toy model")
     p.add_argument("--max_train_steps", type=int, default=None,
-                   help=f"optimizer steps (default {REAL_DEFAULTS['max_train_steps']}; toy {TOY_DEFAULTS['max_train_steps']})")
+                   help=f"optimizer steps; unset: {REAL_DEFAULTS['max_train_steps']} on SD v1, "
+                   f"{TOY_DEFAULTS['max_train_steps']} on the toy model")
     p.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW's decoupled weight decay")
-    p.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping")
+    p.add_argument("--max_grad_norm", type=float, default=1.0, help="clip the gradient norm to this")
     p.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=True,
-                   help="recompute each UNet block in backward (default on)")
+                   help="recompute each UNet block in backward, to save memory")
     p.add_argument("--seed", type=int, default=0, help="seeds class images, batches, timesteps and noise")
     # output
-    p.add_argument("--output_dir", required=True, help="gets personalized.safetensors and state.safetensors")
+    p.add_argument("--output_dir", required=True, default=argparse.SUPPRESS,
+                   help="required: gets personalized.safetensors and state.safetensors")
     p.add_argument("--checkpointing_steps", type=int, default=50, help="save the resumable state every N steps")
     p.add_argument("--resume", action="store_true", help="continue from output_dir/state.safetensors")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda (cuda where available)")
     args = p.parse_args(argv)
 
     # the checks diffusers' DreamBooth script makes, and ours

@@ -355,7 +355,8 @@ def diffusers_config(cfg: UNetConfig):
 if __name__ == "__main__":
     import argparse
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="which UNetConfig to build")
     args = parser.parse_args()
     cfg = PRESETS[args.preset]()

@@ -264,9 +264,11 @@ def diffusers_config(cfg: VAEConfig, sample_size=512):
 if __name__ == "__main__":
     import argparse
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="which VAEConfig to build")
-    parser.add_argument("--size", type=int, default=None, help="image side in pixels (default 64 tiny, 256 sd_v1)")
+    parser.add_argument("--size", type=int, default=None, help="side of the test image in pixels; unset: 256 for "
+                        "sd_v1, 64 otherwise")
     args = parser.parse_args()
     cfg = PRESETS[args.preset]()
     model = AutoencoderKL(cfg).eval()

@@ -3,10 +3,13 @@ two CPU cores, with held-out subjects to personalize. It is to qdp what `shakesp
 
 A scene is an object of one of 8 classes (6 objects, 2 live: dog and cat) with a color, a pattern and one of 21
 backgrounds, sometimes with a property (shiny, wet, cube shaped) or, on a dog or cat, an accessory (a red hat, a chef
-outfit, ...). Each of the 25 object and 25 live-subject prompt templates of DreamBooth (Ruiz et al., arXiv 2208.12242)
-has a counterpart here, so the paper's protocol runs unchanged: `write_dreambooth` writes 10 subjects (two-tone bodies
-with an emblem, which pretraining never draws) in the DreamBooth dataset's layout, and `read_prompts_and_classes` reads
-both that folder and the real dataset's prompt file. About 10% of (class, color, context) triples are held out of
+outfit, ...). Besides its outline, every class has a part of fixed color that survives a blurry 64-pixel sample (the
+mug's white rim and steam, the vase's daisies, the teapot's white lid and black knob and handle, the clock's black
+bezel, the dog's black ear and white muzzle, the cat's white chest, the sneaker's sole, the backpack's straps).
+Each of the 25 object and 25 live-subject prompt templates of DreamBooth (Ruiz et al., arXiv 2208.12242) has a
+counterpart here, so the paper's protocol runs unchanged: `write_dreambooth` writes 30 subjects, as many as the
+real dataset has (two-tone bodies with an emblem, which pretraining never draws), in the DreamBooth dataset's layout,
+and `read_prompts_and_classes` reads both that folder and the real dataset's prompt file. About 10% of (class, color, context) triples are held out of
 pretraining, to test composition. Everything is drawn at 4x with PIL and downsampled with a box filter; the
 painters live in paint.py.
 
@@ -142,9 +145,9 @@ def _compose(cls, look, context, prop, accessory, seed, size):
     assert CANVAS % size == 0, f"size must divide {CANVAS}"
     rng = random.Random(seed)
     canvas = paint.background(context, rng.randrange(N_VARIANTS)).copy()
-    sprite = paint.sprite(cls, look, prop, accessory, int(CANVAS * rng.uniform(0.44, 0.7)), rng)
-    if max(sprite.size) > 0.68 * CANVAS:  # a tall hat: shrink the whole figure so that it keeps the size range
-        k = 0.68 * CANVAS / max(sprite.size)
+    sprite = paint.sprite(cls, look, prop, accessory, int(CANVAS * rng.uniform(0.6, 0.85)), rng)
+    if max(sprite.size) > 0.86 * CANVAS:  # a tall hat or flowers: shrink the whole figure to fit the canvas
+        k = 0.86 * CANVAS / max(sprite.size)
         sprite = sprite.resize((round(k * sprite.width), round(k * sprite.height)), Image.Resampling.BILINEAR)
     if rng.random() < 0.5:
         sprite = sprite.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -190,32 +193,61 @@ class Subject:
     about: str  # what makes it itself, in words
 
 
+def _subject(name, top, bottom, marking, mark_color, collar=None, about=""):
+    return Subject(name, name.split("_")[0], Look(top, bottom, marking=marking, mark_color=mark_color, collar=collar),
+                   about)
+
+
+# colors of the subjects' bodies, emblems and collars (the scenes' 8 COLORS paint single-color bodies only)
+NAVY, CREAM, TEAL, CHARCOAL, MINT, TAN, GREY, GOLD = ((20, 30, 80), (250, 250, 245), (20, 150, 150), (60, 60, 70),
+                                                     (120, 230, 120), (220, 170, 100), (140, 140, 150), (255, 200, 0))
+RED, BLUE, GREEN, YELLOW, ORANGE, PINK, PURPLE, BROWN, CYAN = (
+    (215, 20, 40), (30, 80, 215), (40, 150, 70), (250, 215, 40), (250, 140, 20), (250, 120, 175), (125, 45, 185),
+    (120, 70, 35), (60, 210, 230))
+
+# 30 subjects, as many as the DreamBooth dataset has: 9 live (dogs and cats) and 21 objects. Each has a two-tone body
+# and an emblem (live ones also a collar, or white paws, or an eye patch), which pretraining never draws; within a
+# class no two share their body colors or their emblem. The first ten are the original toy subjects.
 SUBJECTS = {s.name: s for s in (
-    Subject("mug_star", "mug", Look((30, 80, 215), (250, 250, 245), marking="star", mark_color=(255, 200, 0)),
-            "blue top, cream bottom, a gold star"),
-    Subject("vase_heart", "vase", Look((250, 120, 175), (20, 150, 150), marking="heart", mark_color=(215, 20, 40)),
-            "pink top, teal bottom, a red heart on the belly"),
-    Subject("backpack_bolt", "backpack", Look((60, 60, 70), (250, 140, 20), marking="bolt",
-                                              mark_color=(255, 230, 0)),
-            "charcoal top, orange bottom, a yellow lightning bolt"),
-    Subject("teapot_sun", "teapot", Look((245, 240, 225), (200, 35, 35), marking="sun", mark_color=(255, 215, 0)),
-            "cream top, red bottom, a yellow sun"),
-    Subject("sneaker_diamond", "sneaker", Look((125, 45, 185), (120, 230, 120), marking="diamond",
-                                               mark_color=(255, 255, 255)),
-            "purple top, mint bottom, a white diamond"),
-    Subject("clock_moon", "clock", Look((20, 30, 80), (250, 200, 0), marking="moon", mark_color=(20, 30, 80)),
-            "navy top, yellow bottom, a navy crescent moon on the face"),
-    Subject("dog_patch", "dog", Look((250, 250, 250), (150, 90, 40), marking="patch", mark_color=INK,
-                                     collar=(220, 20, 20)),
-            "white top, brown bottom, a black eye patch, a red collar with a gold tag"),
-    Subject("dog_star", "dog", Look((30, 30, 35), (220, 170, 100), marking="star", mark_color=(255, 220, 0),
-                                    collar=(40, 100, 230)),
-            "black top, tan bottom, a yellow star on the flank, a blue collar"),
-    Subject("cat_socks", "cat", Look((140, 140, 150), (240, 140, 40), marking="socks", mark_color=WHITE,
-                                     collar=(40, 170, 60)),
-            "grey top, orange bottom, white paws, a green collar"),
-    Subject("cat_heart", "cat", Look((35, 35, 40), (250, 250, 250), marking="heart", mark_color=(255, 110, 180)),
-            "black top, white bottom, a pink heart on the chest"),
+    _subject("mug_star", BLUE, CREAM, "star", GOLD, about="blue top, cream bottom, a gold star"),
+    _subject("vase_heart", PINK, TEAL, "heart", RED, about="pink top, teal bottom, a red heart on the belly"),
+    _subject("backpack_bolt", CHARCOAL, ORANGE, "bolt", YELLOW,
+             about="charcoal top, orange bottom, a yellow lightning bolt"),
+    _subject("teapot_sun", (245, 240, 225), (200, 35, 35), "sun", GOLD, about="cream top, red bottom, a yellow sun"),
+    _subject("sneaker_diamond", PURPLE, MINT, "diamond", WHITE, about="purple top, mint bottom, a white diamond"),
+    _subject("clock_moon", NAVY, GOLD, "moon", NAVY, about="navy top, yellow bottom, a navy crescent moon on the face"),
+    _subject("dog_patch", (250, 250, 250), (150, 90, 40), "patch", INK, (220, 20, 20),
+             "white top, brown bottom, a black eye patch, a red collar with a gold tag"),
+    _subject("dog_star", (30, 30, 35), TAN, "star", (255, 220, 0), (40, 100, 230),
+             "black top, tan bottom, a yellow star on the flank, a blue collar"),
+    _subject("cat_socks", GREY, (240, 140, 40), "socks", WHITE, (40, 170, 60),
+             "grey top, orange bottom, white paws, a green collar"),
+    _subject("cat_heart", (35, 35, 40), (250, 250, 250), "heart", (255, 110, 180),
+             about="black top, white bottom, a pink heart on the chest"),
+    _subject("mug_bolt", RED, CREAM, "bolt", INK, about="red top, cream bottom, a black lightning bolt"),
+    _subject("mug_ring", GREEN, YELLOW, "ring", WHITE, about="green top, yellow bottom, a white ring"),
+    _subject("mug_diamond", CHARCOAL, PINK, "diamond", CYAN, about="charcoal top, pink bottom, a cyan diamond"),
+    _subject("vase_sun", NAVY, ORANGE, "sun", YELLOW, about="navy top, orange bottom, a yellow sun"),
+    _subject("vase_cross", CREAM, PURPLE, "cross", RED, about="cream top, purple bottom, a red cross"),
+    _subject("vase_star", YELLOW, GREEN, "star", BLUE, about="yellow top, green bottom, a blue star"),
+    _subject("backpack_heart", RED, NAVY, "heart", WHITE, about="red top, navy bottom, a white heart"),
+    _subject("backpack_star", TEAL, PINK, "star", YELLOW, about="teal top, pink bottom, a yellow star"),
+    _subject("backpack_ring", YELLOW, BROWN, "ring", INK, about="yellow top, brown bottom, a black ring"),
+    _subject("teapot_diamond", GREEN, CREAM, "diamond", PINK, about="green top, cream bottom, a pink diamond"),
+    _subject("teapot_cross", BLUE, YELLOW, "cross", WHITE, about="blue top, yellow bottom, a white cross"),
+    _subject("sneaker_star", RED, CHARCOAL, "star", YELLOW, about="red top, charcoal bottom, a yellow star"),
+    _subject("sneaker_bolt", CYAN, ORANGE, "bolt", INK, about="cyan top, orange bottom, a black lightning bolt"),
+    _subject("clock_heart", GREEN, PINK, "heart", RED, about="green top, pink bottom, a red heart on the face"),
+    _subject("clock_star", ORANGE, PURPLE, "star", BLUE, about="orange top, purple bottom, a blue star on the face"),
+    _subject("dog_heart", BROWN, CREAM, "heart", RED, GOLD,
+             "brown top, cream bottom, a red heart on the flank, a gold collar"),
+    _subject("dog_socks", ORANGE, (30, 30, 35), "socks", WHITE, PURPLE,
+             "orange top, black bottom, white paws, a purple collar"),
+    _subject("dog_bolt", GREY, BLUE, "bolt", YELLOW, GREEN,
+             "grey top, blue bottom, a yellow lightning bolt on the flank, a green collar"),
+    _subject("cat_star", CREAM, GREY, "star", ORANGE, RED, "cream top, grey bottom, an orange star, a red collar"),
+    _subject("cat_patch", ORANGE, CREAM, "patch", INK, BLUE,
+             "orange top, cream bottom, a black eye patch, a blue collar"),
 )}
 REFERENCE_CONTEXTS = ("studio", "wooden_floor", "white_rug", "studio", "pink_fabric", "cobblestone")
 
@@ -315,7 +347,7 @@ def grid(cells, cols=8, zoom=2):
 
 def grid_cells(what, seed=0, n=48):
     """(image, label) pairs for a contact sheet of `what`: random train or held-out scenes, every context, every class
-    in every color, every accessory and property, or the subjects' reference pictures."""
+    in every color, every accessory and property, or two reference pictures of each subject."""
     rng = random.Random(seed)
     if what in ("train", "heldout"):
         scenes = [sample_scene(rng, what) for _ in range(n)]
@@ -330,27 +362,29 @@ def grid_cells(what, seed=0, n=48):
         looks = [(None, a) for a in ACCESSORIES] + [(p, None) for p in PROPERTIES]
         return [(render(Scene(k, rng.choice(list(COLORS)), "plain", "studio", *x), seed + i)[0], x[0] or x[1])
                 for k in LIVE_CLASSES for i, x in enumerate(looks)]
-    if what == "subjects":
+    if what == "subjects":                       # the first two references of every subject
         return [(render_subject(s, context, seed)[0], f"{s} {context}")
-                for s in SUBJECTS for context, seed in references(s)]
+                for s in SUBJECTS for context, seed in references(s)[:2]]
     raise ValueError(what)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--grid", type=str, default=None, help="write a labelled contact sheet to this PNG")
     parser.add_argument("--what", type=str, default="train",
                         choices=("train", "heldout", "contexts", "classes", "live", "subjects"),
                         help="what the grid shows")
     parser.add_argument("--seed", type=int, default=0, help="seed of the grid's scenes")
     parser.add_argument("--write_dreambooth", type=str, default=None, help="write the toy subjects to this folder")
-    parser.add_argument("--size", type=int, default=64, choices=(64, 128, 256), help="side of the images written")
+    parser.add_argument("--size", type=int, default=64, choices=(64, 128, 256),
+                        help="side in pixels of the images --write_dreambooth writes")
     args = parser.parse_args()
     if args.grid is None and args.write_dreambooth is None:
         parser.error("nothing to do: give --grid PATH and/or --write_dreambooth DIR")
     if args.grid:
         cells = grid_cells(args.what, args.seed)
-        grid(cells, cols=6 if args.what == "subjects" else 8).save(args.grid)
+        grid(cells, cols=10 if args.what == "subjects" else 8).save(args.grid)
         print(f"wrote {len(cells)} images to {args.grid}")
     if args.write_dreambooth:
         root = write_dreambooth(args.write_dreambooth, args.size)

@@ -79,10 +79,10 @@ def test_confidence_interval_brackets_the_mean_and_ignores_order():
 
 
 def test_dataset_reader_takes_the_real_and_the_toy_layout():
-    """The real DreamBooth dataset (root/dataset/...) and the toy one (root/...) list 30 and 10 subjects, with the
+    """The real DreamBooth dataset (root/dataset/...) and the toy one (root/...) list 30 subjects each, with the
     25 object and 25 live templates; dogs and cats get the live ones."""
     import conftest
-    for root, n in ((conftest.SHARED / "dreambooth", 30), (conftest.ROOT / "assets" / "toy" / "dreambooth", 10)):
+    for root, n in ((conftest.SHARED / "dreambooth", 30), (conftest.ROOT / "assets" / "toy" / "dreambooth", 30)):
         if not root.exists():
             pytest.skip(f"{root} not present")
         _, classes, objects, live = metrics.dataset_subjects(root)

@@ -1,4 +1,7 @@
 """The toy world's pretraining loop and the shipped toy models."""
+import json
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -152,3 +155,40 @@ def test_a_constant_image_scores_chance(evaluators):
     assert acc["class"] == pytest.approx(1 / len(world.CLASSES))
     assert acc["color"] == pytest.approx(1 / len(world.COLORS))
     assert acc["context"] == pytest.approx(1 / len(world.CONTEXTS))
+
+
+def test_stages_retrains_only_what_it_names(tmp_path):
+    """--stages dino trains the DINO stand-in alone: no other stage checkpoint is written, only the evaluators' file
+    is exported (recording the plan that made it), the evaluation CLIP in it is the shipped one, and the SD model
+    comes from the shipped file untouched."""
+    from safetensors import safe_open
+    plan = toy.Plan().scaled(0.002)
+    sd_model, eval_clip, dino, seconds = toy.pretrain(plan, tmp_path / "run", ["dino"], export_to=tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["dino.pt", "plan.json"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [toy.EVAL_FILE.name]
+    assert set(seconds) == {"render", "dino", "total"}
+    with safe_open(str(tmp_path / "out" / toy.EVAL_FILE.name), framework="pt") as f:
+        assert json.loads(f.metadata()["qdp.toy_plan"])["dino_steps"] == plan.dino_steps
+        assert f.metadata()["qdp.toy_stages"] == "dino"
+    shipped_clip, shipped_dino = toy.load_evaluators()
+    new_clip, new_dino = toy.load_evaluators(tmp_path / "out" / toy.EVAL_FILE.name)
+    for a, b in zip(shipped_clip.state_dict().values(), new_clip.state_dict().values()):
+        assert torch.equal(a, b)
+    assert any(not torch.equal(a, b) for a, b in zip(shipped_dino.state_dict().values(),
+                                                      new_dino.state_dict().values()))
+    shipped = ckpt.load_sd(ckpt.TOY_CKPT)
+    for a, b in zip(shipped.unet.state_dict().values(), sd_model.unet.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="unknown stages"):
+        toy.pretrain(plan, tmp_path / "run", ["vae", "gan"])
+
+
+def test_twins_show_the_same_object_elsewhere(data):
+    """The DINO stand-in's second views keep each scene's object and change its background."""
+    twins = data.twins()
+    assert twins.shape == data.images.shape and twins.dtype == torch.uint8
+    assert not torch.equal(twins, data.images)
+    for scene, twin in zip(data.scenes, data.twin_scenes):
+        assert twin.context != scene.context and replace(twin, context=scene.context) == scene
+    assert data.twins() is twins                              # rendered once
+
