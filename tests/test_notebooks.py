@@ -15,9 +15,10 @@ def test_there_are_five_stages():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs(path):
+def test_notebook_runs(path, monkeypatch):
     nb = nbformat.read(path, as_version=4)
     assert "REAL_CKPT = None" in "".join(c.source for c in nb.cells)     # the toy switch is what CI runs
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")   # the kernel inherits it: one torch thread, as the rest of the suite
     client = nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",
                                      resources={"metadata": {"path": str(path.parent)}})
     client.execute()                     # raises CellExecutionError, with the failing cell, on any error
