@@ -9,9 +9,9 @@ bezel, the dog's black ear and white muzzle, the cat's white chest, the sneaker'
 Each of the 25 object and 25 live-subject prompt templates of DreamBooth (Ruiz et al., arXiv 2208.12242) has a
 counterpart here, so the paper's protocol runs unchanged: `write_dreambooth` writes 30 subjects, as many as the
 real dataset has (two-tone bodies with an emblem, which pretraining never draws), in the DreamBooth dataset's layout,
-and `read_prompts_and_classes` reads both that folder and the real dataset's prompt file. About 10% of (class, color, context) triples are held out of
-pretraining, to test composition. Everything is drawn at 4x with PIL and downsampled with a box filter; the
-painters live in paint.py.
+and `read_prompts_and_classes` reads both that folder and the real dataset's prompt file. About 10% of
+(class, color, context) triples are held out of pretraining, to test composition. Everything is drawn at 4x with PIL
+and downsampled with a box filter; the painters live in paint.py.
 
     python world.py --grid /tmp/grid.png                       # random training scenes with their captions
     python world.py --grid /tmp/contexts.png --what contexts   # also: classes, live, heldout, subjects

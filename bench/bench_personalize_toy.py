@@ -1,13 +1,13 @@
 """Does personalization work in the toy world? Subject fidelity of "a photo of sks <class>" before and after training,
 for full-precision DreamBooth, the PEQA baseline, S1 and S2, on every toy subject.
 
-For each of the 10 toy subjects (assets/toy/dreambooth) and each method, train.py runs with its toy defaults (200
-steps, prior preservation with class images the base model draws itself), then 8 samples of "a photo of sks <class>"
-are scored against the subject's reference images with the evaluation CLIP (CLIP-I) and the toy DINO; "before" is
-the same prompt on the untrained base (FP for full, the quantized W4A8 model for the others). Means over subjects with
-95% bootstrap intervals. Rerunning reuses finished runs and cached class images (delete --out to start over).
+For each toy subject (the 30 of assets/toy/dreambooth, or --subjects) and each method, train.py runs with its toy
+defaults (200 steps, prior preservation with class images the base model draws itself), then 8 samples of "a photo of
+sks <class>" are scored against the subject's reference images with the evaluation CLIP (CLIP-I) and the toy DINO;
+"before" is the same prompt on the untrained base (FP for full, the quantized W4A8 model for the others). Means over
+subjects with 95% bootstrap intervals. Rerunning reuses finished runs and cached class images (delete --out to start over).
 
-    python bench/bench_personalize_toy.py                      # 52 minutes on 2 busy CPU cores
+    python bench/bench_personalize_toy.py                      # 10 subjects x 4 methods took 52 min on 2 cores
     python bench/bench_personalize_toy.py --subjects mug_star,dog_patch --methods peqa,s2
 """
 import argparse
