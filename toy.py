@@ -31,7 +31,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, ViTConfig, ViTModel
 
@@ -110,16 +109,16 @@ class Data:
         self.scenes = [world.sample_scene(rng, split="train") for _ in range(n)]
         self.images = as_uint8(world.render(s, seed=seed * 1_000_003 + i)[0]
                                for i, s in enumerate(tqdm(self.scenes, "render scenes")))
+        rng = random.Random(seed + 77)                  # each scene's object again, on another background
+        self.twin_scenes = [replace(s, context=rng.choice([c for c in world.CONTEXTS if c != s.context]))
+                            for s in self.scenes]
         self._twins = None
 
     def twins(self):
-        """The same objects (class, color, pattern, property, accessory) in another pose on another background:
-        the views that teach the DINO stand-in what an object is, whatever lies behind it. Rendered once, on first
-        use, and only by the stage that needs them."""
+        """Renders of `twin_scenes`: the same objects (class, color, pattern, property, accessory) in another pose on
+        another background, the views that teach the DINO stand-in what an object is, whatever lies behind it.
+        Rendered once, on first use, and only by the stage that needs them."""
         if self._twins is None:
-            rng = random.Random(self.seed + 77)
-            self.twin_scenes = [replace(s, context=rng.choice([c for c in world.CONTEXTS if c != s.context]))
-                                for s in self.scenes]
             self._twins = as_uint8(world.render(s, seed=self.seed * 1_000_003 + 500_000 + i)[0]
                                    for i, s in enumerate(tqdm(self.twin_scenes, "render twins")))
         return self._twins
@@ -233,6 +232,7 @@ def train_clip(data, plan, out, name="clip", seed_offset=2, vision_width=64, vis
     model = CLIPModel(clip_config(vision_width=vision_width, vision_layers=vision_layers))
     tokenizer = ckpt.load_tokenizer()
     steps = plan.clip_steps if name == "clip" else plan.eval_clip_steps
+    class_ids = tokenizer(CLASS_PROMPTS, padding="longest", return_tensors="pt").input_ids
 
     def loss_fn(step):
         idx, x, captions = data.batch(step, plan.clip_batch, plan.seed + seed_offset)
@@ -249,8 +249,7 @@ def train_clip(data, plan, out, name="clip", seed_offset=2, vision_width=64, vis
             return out.loss
         # class contrast (as UniCL, arXiv 2204.03610): each image also picks its class among the 8 class prompts,
         # so that shape is learned even where color and background already tell a batch's images apart
-        names = tokenizer(CLASS_PROMPTS, padding="longest", return_tensors="pt").input_ids
-        classes = F.normalize(model.text_projection(model.text_model(input_ids=names).pooler_output), dim=-1)
+        classes = F.normalize(model.text_projection(model.text_model(input_ids=class_ids).pooler_output), dim=-1)
         logits = model.logit_scale.exp() * F.normalize(out.image_embeds, dim=-1) @ classes.T
         target = torch.tensor([world.CLASSES.index(data.scenes[i].cls) for i in idx.tolist()])
         return out.loss + plan.class_contrast * F.cross_entropy(logits, target)
@@ -410,24 +409,19 @@ def generate_heldout(sd_model, prompts, steps=50, guidance_scale=7.5, seed=0):
     return images
 
 
-def to_unit(images):
-    """PIL images -> float tensor (B,3,H,W) in [0, 1]."""
-    return torch.stack([torch.from_numpy(np.array(im.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
-                        for im in images])
-
-
 @torch.no_grad()
-def reconstruct(vae, images):
+def reconstruct(sd_model, images):
     """Each image through the VAE and back (the posterior mean, no sampling), as PIL images."""
-    x = to_unit(images) * 2 - 1
-    out = torch.cat([vae.decode(vae.encode(x[i:i + 64])[0]) for i in range(0, len(x), 64)])
-    pixels = ((out * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8")
-    return [Image.fromarray(p) for p in pixels]
+    import eval as metrics
+    x = metrics.to_tensor(images) * 2 - 1
+    return [im for i in range(0, len(x), 64)
+            for im in sample.decode_images(sd_model, sd_model.vae.encode_latents(x[i:i + 64], sample=False))]
 
 
 def psnr_mae(real, recon):
     """PSNR in dB over all pixels of a set of images, and their mean absolute error in 8-bit levels (0..255)."""
-    a, b = to_unit(real), to_unit(recon)
+    import eval as metrics
+    a, b = metrics.to_tensor(real), metrics.to_tensor(recon)
     mse = (a - b).pow(2).mean().item()
     return (10 * math.log10(1 / mse) if mse > 0 else math.inf), 255 * (a - b).abs().mean().item()
 
@@ -520,7 +514,7 @@ def report(sd_model, ev, n=128, n_subject=8, steps=50, guidance_scale=7.5, seed=
     import eval as metrics
     scenes, prompts = heldout_scenes(n, seed)
     real = [world.render(s, seed=10_000 + i)[0] for i, s in enumerate(scenes)]
-    recon = reconstruct(sd_model.vae, real)
+    recon = reconstruct(sd_model, real)
     fake = generate_heldout(sd_model, prompts, steps, guidance_scale, seed)
     refs, ref_labels = subject_references()
     sampling = dict(n_images=n_subject, steps=steps, guidance_scale=guidance_scale, seed=seed)
@@ -528,7 +522,7 @@ def report(sd_model, ev, n=128, n_subject=8, steps=50, guidance_scale=7.5, seed=
     if personalized is not None:
         drawn["personalized, \"a photo of sks <class>\""] = draw_subjects(
             sd_model, "a photo of sks {}", **sampling, personalized=personalized, base_path=base_path)
-    chain = ceiling_chain(ev, scenes, real, recon, fake, refs, ref_labels, reconstruct(sd_model.vae, refs), drawn)
+    chain = ceiling_chain(ev, scenes, real, recon, fake, refs, ref_labels, reconstruct(sd_model, refs), drawn)
     class_images, class_labels = drawn["untrained, \"a photo of a <class>\""]
     subjects = {}
     for name in world.SUBJECTS:
@@ -544,7 +538,7 @@ def report(sd_model, ev, n=128, n_subject=8, steps=50, guidance_scale=7.5, seed=
         world.grid(list(zip(fake[:32], prompts[:32]))).save(grid_path)
     if vae_grid_path is not None:                   # renders above their reconstructions, subjects included
         firsts = [ref_labels.index(name) for name in list(world.SUBJECTS)[::len(world.SUBJECTS) // 8][:8]]
-        refs_recon = reconstruct(sd_model.vae, [refs[i] for i in firsts])
+        refs_recon = reconstruct(sd_model, [refs[i] for i in firsts])
         cells = [(im, "render") for im in real[:8]] + [(im, "VAE") for im in recon[:8]]
         cells += [(refs[i], ref_labels[i]) for i in firsts] + [(im, "VAE") for im in refs_recon]
         Path(vae_grid_path).parent.mkdir(parents=True, exist_ok=True)
@@ -584,6 +578,10 @@ STAGES = ("vae", "clip", "unet", "eval_clip", "dino")
 SD_STAGES, EVAL_STAGES = STAGES[:3], STAGES[3:]
 
 
+STAGE_NAMES = {"vae": "the autoencoder", "clip": "the conditioning CLIP", "unet": "the UNet",
+               "eval_clip": "the evaluation CLIP", "dino": "the DINO stand-in"}
+
+
 def pretrain(plan, out, stages=STAGES, export_to=ASSETS):
     """Train the named stages (each resumes from its checkpoint in `out`) and take the others from the shipped
     files: the evaluators never depend on the SD model, and the UNet needs only the VAE and the conditioning text
@@ -595,56 +593,41 @@ def pretrain(plan, out, stages=STAGES, export_to=ASSETS):
     out.mkdir(parents=True, exist_ok=True)
     (out / "plan.json").write_text(json.dumps(asdict(plan), indent=2))
     seconds, t0 = {}, time.time()
-
-    def announce(name, what):
-        print(f"[{STAGES.index(name) + 1}/{len(STAGES)}] {name}: {what}", flush=True)
-
     data = Data(plan.n_images, plan.seed)
     seconds["render"] = time.time() - t0
-    shipped = ckpt.load_sd(SD_FILE) if set(SD_STAGES) - set(stages) else None
-    sd_parts = {}
-    for name, steps, what in (("vae", plan.vae_steps, "the autoencoder"), ("clip", plan.clip_steps,
-                              "the conditioning CLIP"), ("unet", plan.unet_steps, "the UNet")):
+    parts = {}                                          # what each stage makes ("clip": its text tower), or shipped
+    if set(SD_STAGES) - set(stages):
+        shipped = ckpt.load_sd(SD_FILE)
+        parts.update(vae=shipped.vae, clip=shipped.text_encoder, unet=shipped.unet)
+    if set(EVAL_STAGES) - set(stages):
+        parts["eval_clip"], parts["dino"] = load_evaluators()
+    trainers = {"vae": lambda: train_vae(data, plan, out),
+                "clip": lambda: text_tower(train_clip(data, plan, out)),
+                "unet": lambda: train_unet(data, parts["vae"], parts["clip"], plan, out),
+                "eval_clip": lambda: train_clip(data, plan, out, name="eval_clip", seed_offset=4, vision_width=96,
+                                                vision_layers=4),
+                "dino": lambda: train_dino(data, plan, out)}
+    for k, name in enumerate(STAGES):
+        head = f"[{k + 1}/{len(STAGES)}] {name}:"
         if name not in stages:
-            announce(name, "taken from the shipped model")
+            print(f"{head} taken from the shipped files", flush=True)
             continue
-        announce(name, f"training {what}, {steps} steps")
+        print(f"{head} training {STAGE_NAMES[name]}, {getattr(plan, name + '_steps')} steps", flush=True)
         t = time.time()
-        if name == "vae":
-            sd_parts["vae"] = train_vae(data, plan, out)
-        elif name == "clip":
-            sd_parts["text_encoder"] = text_tower(train_clip(data, plan, out))
-        else:
-            sd_parts["unet"] = train_unet(data, sd_parts.get("vae") or shipped.vae,
-                                          sd_parts.get("text_encoder") or shipped.text_encoder, plan, out)
+        parts[name] = trainers[name]()
         seconds[name] = time.time() - t
         print(f"    {name} done in {seconds[name]:.0f} s", flush=True)
-    evaluators = {}
-    for name, steps in (("eval_clip", plan.eval_clip_steps), ("dino", plan.dino_steps)):
-        if name not in stages:
-            announce(name, "taken from the shipped evaluators")
-            continue
-        announce(name, f"training the {'evaluation CLIP' if name == 'eval_clip' else 'DINO stand-in'}, {steps} steps")
-        t = time.time()
-        evaluators[name] = (train_clip(data, plan, out, name="eval_clip", seed_offset=4, vision_width=96,
-                                       vision_layers=4) if name == "eval_clip" else train_dino(data, plan, out))
-        seconds[name] = time.time() - t
-        print(f"    {name} done in {seconds[name]:.0f} s", flush=True)
-    if len(evaluators) < 2:
-        clip, dino = load_evaluators()
-        evaluators = {"eval_clip": clip, "dino": dino, **evaluators}
-    sd_model = ckpt.StableDiffusion(sd_parts.get("unet") or shipped.unet, sd_parts.get("vae") or shipped.vae,
-                                    sd_parts.get("text_encoder") or shipped.text_encoder, ckpt.load_tokenizer())
-    meta = {"qdp.toy_plan": json.dumps(asdict(plan))}
+    sd_model = ckpt.StableDiffusion(parts["unet"], parts["vae"], parts["clip"], ckpt.load_tokenizer())
     if export_to is not None:
+        meta = lambda group: {"qdp.toy_plan": json.dumps(asdict(plan)),  # noqa: E731
+                              "qdp.toy_stages": ",".join(s for s in stages if s in group)}
         if set(stages) & set(SD_STAGES):
-            export_sd(sd_model, export_to, {**meta, "qdp.toy_stages": ",".join(s for s in stages if s in SD_STAGES)})
+            export_sd(sd_model, export_to, meta(SD_STAGES))
         if set(stages) & set(EVAL_STAGES):
-            export_evaluators(evaluators["eval_clip"], evaluators["dino"], export_to,
-                              {**meta, "qdp.toy_stages": ",".join(s for s in stages if s in EVAL_STAGES)})
+            export_evaluators(parts["eval_clip"], parts["dino"], export_to, meta(EVAL_STAGES))
     seconds["total"] = time.time() - t0
     print("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()), flush=True)
-    return sd_model, evaluators["eval_clip"], evaluators["dino"], seconds
+    return sd_model, parts["eval_clip"], parts["dino"], seconds
 
 
 if __name__ == "__main__":
