@@ -22,7 +22,9 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 import warnings
 
+import numpy as np
 import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -188,8 +190,24 @@ def fill(model, sd, name, path):
         raise CheckpointError(f"{path}: the {name} does not match SD v1's layout: {say('missing', missing)}, "
                               f"{say('unexpected', unexpected)}, {say('of the wrong shape', wrong)}; the file is "
                               f"incomplete or not an SD v1 checkpoint")
+    check_values(want, sd, name, path)
     model.load_state_dict({k: sd[k].reshape(want[k].shape) for k in want}, strict=True, assign=True)
     return model
+
+
+def check_values(want, got, name, path):
+    """Where the model holds float weights the file must hold finite floats: an integer or bool tensor would load as
+    garbage, and one NaN or inf turns every sample black, with no error otherwise."""
+    for k, w in want.items():
+        v = got.get(k)
+        if v is None or not w.is_floating_point():
+            continue
+        if not v.is_floating_point():
+            raise CheckpointError(f"{path}: the {name}'s {k} holds {str(v.dtype).removeprefix('torch.')} values "
+                                  f"where float weights belong; the file is damaged or not an SD v1 checkpoint")
+        if not bool(torch.isfinite(v).all()):
+            raise CheckpointError(f"{path}: the {name}'s {k} holds NaN or inf; the file is damaged or comes from a "
+                                  f"training run that diverged: use an earlier copy")
 
 
 def build(parts, path, meta=None, tokenizer=None, device="cpu", dtype=torch.float32):
@@ -279,6 +297,73 @@ def read_diffusers(folder):
     tkeys = {"num_attention_heads", "hidden_act", "layer_norm_eps", "projection_dim"}
     meta = {"unet": asdict(ucfg), "vae": asdict(vcfg), "text_encoder": {k: v for k, v in td.items() if k in tkeys}}
     return parts, {"qdp.config": json.dumps(meta)}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# what users hand us besides checkpoints: where to write, and photos
+
+
+def check_output(path, flag, overwrite=False, inputs=(), folder=False):
+    """Before any work: writing `path` (a file, or with folder=True a folder) loses nothing the user made. Refused:
+    one of this run's `inputs` (even with overwrite), an existing file or non-empty folder unless `overwrite`, a
+    file where a folder belongs or the other way round, and a place that cannot be created or written."""
+    path = Path(path)
+    if any(path.resolve() == Path(p).resolve() for p in inputs if p):
+        raise CheckpointError(f"{flag} {path} is also an input of this run; write somewhere else")
+    if folder and path.is_file():
+        raise CheckpointError(f"{flag} {path} is a file, not a folder; give a folder path")
+    if not folder and path.is_dir():
+        raise CheckpointError(f"{flag} {path} is a folder; give a file path, e.g. {path / 'model.safetensors'}")
+    if path.exists() and not overwrite and (not folder or any(path.iterdir())):
+        raise CheckpointError(f"{flag} {path} already exists; add --overwrite to replace it, or choose another path")
+    parent = path.resolve()                  # where the writing happens: the folder itself, or the nearest that exists
+    if not (folder and parent.is_dir()):
+        parent = next(p for p in parent.parents if p.exists())
+    if not parent.is_dir():
+        raise CheckpointError(f"{flag} {path}: {parent} is a file, so nothing can be written under it")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CheckpointError(f"{flag} {path}: {parent} is not writable; choose another path")
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def image_files(folder, flag="--instance_data_dir"):
+    """The photos in a folder, sorted by name (dotfiles, such as macOS's ._ files, left out)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{flag} {folder} is not a folder; point it at a folder of photos")
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+
+
+def open_image(path):
+    """Any image file -> an upright 8-bit RGB PIL image, or None with a one-line warning if it cannot be read
+    (damaged, not an image, or a decompression bomb: more pixels than PIL's safety limit)."""
+    try:
+        img = Image.open(path)
+        img.load()
+        img = ImageOps.exif_transpose(img)           # phone photos store their rotation in EXIF
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        warnings.warn(f"skipping {path}: not a readable image ({why})", stacklevel=2)
+        return None
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):   # 16-bit or float grayscale: rescale, don't clip
+        a = np.asarray(img, dtype=np.float32)
+        a = a / 65535.0 if a.max() > 255 else a / 255.0
+        img = Image.fromarray((a.clip(0, 1) * 255).round().astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")                  # transparent pixels become white, not black
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return img.convert("RGB")                      # CMYK, palette, grayscale
+
+
+def read_images(folder, flag="--instance_data_dir"):
+    """Every readable photo of a folder, as open_image reads it; a folder with none is a CheckpointError."""
+    files = image_files(folder, flag)
+    images = [im for im in map(open_image, files) if im is not None]
+    if not images:
+        raise CheckpointError(f"{flag} {folder} holds no readable image ({', '.join(IMAGE_SUFFIXES)}); add photos")
+    return images
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -397,7 +482,8 @@ def save_diffusers(model, folder, dtype=None):
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
-if __name__ == "__main__":
+def main(argv=None):
+    """`python ckpt.py PATH`: describe a checkpoint, and convert it with --to_diffusers / --to_compvis."""
     import argparse
     import sys
 
@@ -407,8 +493,17 @@ if __name__ == "__main__":
     parser.add_argument("--to_diffusers", default=None, help="if given, also write the model as a diffusers folder")
     parser.add_argument("--to_compvis", default=None,
                         help="if given, also write the model as one CompVis .safetensors file")
-    args = parser.parse_args()
-    try:
+    parser.add_argument("--overwrite", action="store_true", help="let --to_diffusers / --to_compvis replace what "
+                        "is there")
+    args = parser.parse_args(argv)
+    try:                                     # the outputs are checked before the (slow) load
+        outs = [("--to_diffusers", args.to_diffusers, True), ("--to_compvis", args.to_compvis, False)]
+        for flag, out, folder in outs:
+            if out:
+                check_output(out, flag, args.overwrite, [args.path], folder=folder)
+        if args.to_diffusers and args.to_compvis and Path(args.to_compvis).resolve().is_relative_to(
+                Path(args.to_diffusers).resolve()):
+            raise CheckpointError("--to_compvis lies inside the --to_diffusers folder; write it elsewhere")
         sd = load_sd(args.path, verbose=True)
     except CheckpointError as e:
         sys.exit(f"error: {e}")
@@ -421,3 +516,8 @@ if __name__ == "__main__":
     if args.to_compvis:
         save_compvis(sd, args.to_compvis)
         print(f"wrote {args.to_compvis}")
+
+
+if __name__ == "__main__":
+    import ckpt as module  # the importable module, not this __main__ copy: quant.py raises ckpt.CheckpointError, and
+    module.main()  # `except CheckpointError` here would not catch another copy's class

@@ -13,6 +13,7 @@ default, the toy world's own CLIP and SimCLR-trained ViT (toy.py), which stand i
 """
 import argparse
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,6 @@ from transformers import CLIPModel, CLIPTokenizer, ViTModel
 
 import ckpt
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 METRIC_NAMES = {"clip_i": "CLIP-I", "local_clip_i": "local CLIP-I", "clip_t": "CLIP-T", "dino": "DINO"}
 
 
@@ -139,12 +139,10 @@ def zero_shot(ev, images, candidates):
     return torch.stack([(img[i] @ clip_text_embeds(ev, c).T).argmax() for i, c in enumerate(candidates)])
 
 
-def read_images(folder):
-    """Every image in a folder, sorted by name."""
-    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise SystemExit(f"error: no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
-    return [Image.open(p).convert("RGB") for p in files]
+def read_images(folder, flag="--references"):
+    """Every readable image in a folder, sorted by name: ckpt.read_images, the reader train.py trains from, so a photo
+    is scored as it was trained on (EXIF rotation applied, unreadable files skipped with a warning)."""
+    return ckpt.read_images(folder, flag)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -262,6 +260,9 @@ def dataset_subjects(root):
         raise SystemExit(f"error: no prompts_and_classes.txt in {root}; pass a DreamBooth-layout dataset folder")
     import world
     classes, objects, live = world.read_prompts_and_classes(root / "prompts_and_classes.txt")
+    if not classes or not (objects or live):
+        raise SystemExit(f"error: {root / 'prompts_and_classes.txt'} lists no " + ("subjects" if not classes else
+                         "prompt templates") + "; write it in the DreamBooth dataset's layout")
     missing = [s for s in classes if not (root / s).is_dir()]
     if missing:
         raise SystemExit(f"error: {root} lists subjects without a folder: {', '.join(missing)}")
@@ -318,8 +319,6 @@ def markdown(results, summary):
 def run(args):
     """The protocol over this process's share of the subjects; under torchrun, shards are gathered on rank 0,
     which writes results.json, results.md and one image grid per subject."""
-    import ckpt
-    import sample
     import train
     import world
     rank, world_size = 0, 1
@@ -332,6 +331,13 @@ def run(args):
     unknown = [s for s in subjects if s not in classes]
     if unknown:
         raise SystemExit(f"error: unknown subjects {', '.join(unknown)}; {root} has {', '.join(classes)}")
+    if args.ckpt and not Path(args.ckpt).exists():
+        raise SystemExit(f"error: --ckpt {args.ckpt}: no such file or folder")
+    lacking = [args.scales.format(subject=s) for s in subjects if args.scales
+               and not Path(args.scales.format(subject=s)).is_file()]
+    if lacking:                                  # before any sampling, not at the subject that lacks it
+        raise SystemExit(f"error: --scales: {len(lacking)} of {len(subjects)} subjects have no file (e.g. "
+                         f"{lacking[0]}); train them first, or pass --subjects")
     ev = load_evaluators(args.clip, args.dino)
     out = Path(args.out)
     mine, results = subjects[rank::world_size], {}
@@ -394,7 +400,6 @@ if __name__ == "__main__":
                         "subjects' ground-truth boxes and exit")
     args = parser.parse_args()
     if args.crop_iou:
-        import ckpt
         found, central, n = crop_iou(ckpt.load_sd(ckpt.TOY_CKPT), Path(__file__).parent / "assets/toy/dreambooth")
         print(f"attention box IoU {found:.3f} vs {central:.3f} for the central half-size box, {n} toy references")
         raise SystemExit(0)
@@ -403,11 +408,20 @@ if __name__ == "__main__":
             parser.error("--scales needs {subject} in the path: one train.py output per subject")
         if args.n_images < 1 or not 1 <= args.n_prompts <= 25:
             parser.error("--n_images must be >= 1 and --n_prompts in 1..25")
-        run(args)
+        if not math.isfinite(args.guidance_scale):
+            parser.error(f"--guidance_scale must be a finite number, e.g. 7.5, got {args.guidance_scale}")
+        import train  # for its TrainingError; train does not import eval
+        try:
+            run(args)
+        except (ckpt.CheckpointError, train.TrainingError) as e:
+            raise SystemExit(f"error: {e}") from None
         raise SystemExit(0)
     if not (args.images and args.references and args.prompt):
         parser.error("give --dataset (the protocol), or --images, --references and --prompt (one folder)")
     ev = load_evaluators(args.clip, args.dino)
-    gen, refs = read_images(args.images), read_images(args.references)
+    try:
+        gen, refs = read_images(args.images, "--images"), read_images(args.references)
+    except ckpt.CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
     print(f"CLIP-I {clip_i(ev, gen, refs):.3f}  CLIP-T {clip_t(ev, gen, [args.prompt] * len(gen)):.3f}  "
           f"DINO {dino(ev, gen, refs):.3f}  ({len(gen)} images, {len(refs)} references)")

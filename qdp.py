@@ -19,6 +19,7 @@ made with the same settings) and redoes sampling, scoring and the report.
 """
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -190,6 +191,8 @@ def parse_args(argv=None):
         p.error("give both --clip and --dino folders, or neither for the toy evaluators")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("CUDA is not available here; use --device cpu")
+    if not math.isfinite(args.guidance_scale):
+        p.error(f"--guidance_scale must be a finite number, e.g. 7.5, got {args.guidance_scale}")
     for name in ("n_prompts", "n_images", "num_class_images", "max_train_steps", "quant_iters"):
         if getattr(args, name) is not None and getattr(args, name) < (0 if name == "quant_iters" else 1):
             p.error(f"--{name} must be at least {0 if name == 'quant_iters' else 1}")
@@ -215,7 +218,10 @@ def main(argv=None):
     args.n_images = args.n_images or (2 if toy_model else 4)
     args.num_class_images = args.num_class_images or (20 if toy_model else 100)
     args.evaluate = toy_model or args.clip is not None
-    refs = metrics.read_images(subject_dir)
+    try:
+        refs = metrics.read_images(subject_dir, "--instance_data_dir")
+    except ckpt.CheckpointError as e:
+        sys.exit(f"error: {e}")
     check_reuse(out, {k: str(getattr(args, k)) for k in ("ckpt", "wbits", "abits", "quant_iters", "token",
                                                          "max_train_steps", "num_class_images", "seed")}
                 | {"subject": str(subject_dir.resolve()), "class": cls})

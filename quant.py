@@ -681,7 +681,19 @@ def save_quantized(sd_q, path, meta=None):
     tensors = {ckpt.PREFIX[name] + k: v for name, part in parts.items() for k, v in part.items()}
     info = json.dumps({"wbits": wbits, "abits": abits, "softmax_bits": softmax_bits, "packing": PACKING,
                        **(meta or {})})
-    ckpt.atomic_save(tensors, path, {"format": "pt", "qdp.config": ckpt.config_json(sd_q), "qdp.quant": info})
+    ckpt.atomic_save(tensors, path, {"format": "pt", "qdp.config": ckpt.config_json(sd_q), "qdp.quant": info,
+                                     "qdp.unet_sha256": unet_digest(parts["unet"])})
+
+
+def unet_digest(unet_sd):
+    """sha256 of a quantized UNet's tensors (integer codes, scales and the float rest), in name order: stored at
+    save and checked at load, since flipped bits in the codes would otherwise sample noise without an error."""
+    h = hashlib.sha256()
+    for k in sorted(unet_sd):
+        v = unet_sd[k].detach().contiguous().cpu()
+        h.update(k.encode() + str(v.dtype).encode() + str(tuple(v.shape)).encode())
+        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def check_quantized(want, got, bits, path):
@@ -719,9 +731,13 @@ def build_quantized(tensors, meta, path, device="cpu", dtype=torch.float32):
     parts = ckpt.split_compvis(tensors)
     if not parts["vae"] or not parts["text_encoder"]:
         raise ckpt.CheckpointError(f"{path} lacks the VAE or the text encoder; write it again with quant.py")
+    if "qdp.unet_sha256" in meta and unet_digest(parts["unet"]) != meta["qdp.unet_sha256"]:
+        raise ckpt.CheckpointError(f"{path}: the quantized UNet's tensors do not match the checksum stored with them "
+                                   f"(the file was damaged or edited); quantize the model again or use a good copy")
     in_scales = any(k.endswith(".in_scale") for k in parts["unet"])
     qunet = quant_skeleton(ucfg, *bits, device="meta", in_scales=in_scales)
     check_quantized(qunet.state_dict(), parts["unet"], bits, path)
+    ckpt.check_values(qunet.state_dict(), parts["unet"], "quantized UNet", path)
     cast = lambda sd: {k: v.to(device, dtype if v.is_floating_point() else v.dtype) for k, v in sd.items()}
     qunet.load_state_dict(cast(parts["unet"]), strict=True, assign=True)
     with torch.device("meta"):
@@ -798,6 +814,7 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="seeds the prompts, latents and minibatches")
     parser.add_argument("--out", default=None, help="output .safetensors file; "
                         "unset: out/<ckpt name>_w<wbits>a<abits>_<method>.safetensors")
+    parser.add_argument("--overwrite", action="store_true", help="let --out and --save_calib replace existing files")
     args = parser.parse_args(argv)
 
     given = lambda *flags: [f"--{f}" for f in flags if getattr(args, f) is not None]
@@ -806,8 +823,10 @@ def parse_args(argv=None):
         if getattr(args, flag) is not None and getattr(args, flag) < least:
             parser.error(f"--{flag} must be at least {least}" + (" (0 skips that stage)" if least == 0 else ""))
     for flag in given("lr", "act_lr"):
-        if not getattr(args, flag[2:]) > 0:
-            parser.error(f"{flag} must be positive, e.g. 1e-3")
+        if not 0 < getattr(args, flag[2:]) < math.inf:
+            parser.error(f"{flag} must be positive and finite, e.g. 1e-3")
+    if not math.isfinite(args.guidance_scale):
+        parser.error(f"--guidance_scale must be a finite number, e.g. 7.5, got {args.guidance_scale}")
     if (args.num_inference_steps or 0) >= sample.NUM_TRAIN_TIMESTEPS:
         parser.error(f"--num_inference_steps must be in 1..{sample.NUM_TRAIN_TIMESTEPS - 1}, e.g. 50")
     if not 2 <= args.softmax_bits <= 16:
@@ -834,6 +853,13 @@ def parse_args(argv=None):
             parser.error(f"{flag} must end in .safetensors, got {getattr(args, flag[2:])!r}")
     if Path(args.out).resolve() == Path(args.ckpt).resolve():
         parser.error("--out would overwrite --ckpt; choose another file name")
+    inputs = [args.ckpt, args.calib_data, args.calib_prompts]
+    try:                                    # before any work: nothing the user made is replaced without --overwrite
+        ckpt.check_output(args.out, "--out", args.overwrite, inputs)
+        if args.save_calib:
+            ckpt.check_output(args.save_calib, "--save_calib", args.overwrite, inputs + [args.out])
+    except ckpt.CheckpointError as e:
+        parser.error(str(e))
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("CUDA is not available here; use --device cpu")
     return args
@@ -880,4 +906,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    import quant as module  # the importable module, not this __main__ copy: ckpt.load_sd builds quantized files with
+    module.main()  # quant's QuantLayer, which a second copy's isinstance checks would not recognise

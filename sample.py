@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, PngImagePlugin
 from safetensors import safe_open
 from tqdm import tqdm
 
@@ -320,7 +320,8 @@ def parse_args(argv=None):
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like")
     parser.add_argument("--num_images_per_prompt", type=int, default=1, help="images to draw, in one batch")
     # output
-    parser.add_argument("--out", default="sample.png", help="image file; several images are pasted into one grid")
+    parser.add_argument("--out", default="sample.png", help="image file; several images are pasted into one grid. "
+                        "An image sample.py wrote is replaced; any other file needs --overwrite")
     # export
     parser.add_argument("--export", default=None, help="write the (personalized) model here as a plain SD v1 "
                         "checkpoint, its UNet dequantized: a .safetensors/.ckpt file or a diffusers folder; samples "
@@ -333,7 +334,8 @@ def parse_args(argv=None):
     parser.add_argument("--expert", type=int, default=None, help="S2: use expert K's scales at every timestep; "
                         "--export needs it when --scales holds several experts; unset: the experts take turns as "
                         "t falls")
-    parser.add_argument("--overwrite", action="store_true", help="let --export replace an existing file or folder")
+    parser.add_argument("--overwrite", action="store_true", help="let --export, or --out, replace an existing file "
+                        "or folder that sample.py did not write")
     args = parser.parse_args(argv)
 
     for side in (args.height, args.width):
@@ -352,17 +354,35 @@ def parse_args(argv=None):
         parser.error("CUDA is not available here; use --device cpu")
     if Path(args.out).suffix.lower() not in Image.registered_extensions():
         parser.error(f"--out needs an image suffix such as .png, got {args.out!r}")
+    if not math.isfinite(args.guidance_scale):
+        parser.error(f"--guidance_scale must be a finite number, e.g. 7.5 (<= 1 disables guidance), got "
+                     f"{args.guidance_scale}")
+    if args.prompt is not None:            # checked before the work, not found after sampling
+        try:
+            ckpt.check_output(args.out, "--out", args.overwrite or written_by_us(args.out),
+                              [args.ckpt, args.scales, args.export])
+        except ckpt.CheckpointError as e:
+            parser.error(str(e))
     args.dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
     check_export_args(parser, args)
     return args
+
+
+def written_by_us(path):
+    """Whether `path` is an image that sample.py wrote (it marks its PNGs), which a new sample may replace."""
+    try:
+        with Image.open(path) as im:
+            return im.info.get("qdp") == "sample.py"
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return False
 
 
 def check_export_args(parser, args):
     """The export and expert flags' checks, before any loading."""
     if args.prompt is None and args.export is None:
         parser.error("--prompt is required (what to draw), unless --export writes the model to a file")
-    if args.export is None and (args.export_format or args.export_dtype or args.overwrite):
-        parser.error("--export_format, --export_dtype and --overwrite only apply with --export PATH")
+    if args.export is None and (args.export_format or args.export_dtype):
+        parser.error("--export_format and --export_dtype only apply with --export PATH")
     n = experts_in(args.scales) if args.scales else 1
     if args.expert is not None and n == 1:
         parser.error("--expert picks one S2 expert of --scales, but " + (f"{args.scales} holds a single set"
@@ -420,9 +440,12 @@ def main(argv=None):
     images = generate(sd, args.prompt, args.negative_prompt, args.seed, args.num_inference_steps, args.guidance_scale,
                       args.height, args.width, args.scheduler, args.eta, args.num_images_per_prompt)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    image_grid(images).save(args.out)
+    mark = PngImagePlugin.PngInfo()
+    mark.add_text("qdp", "sample.py")
+    image_grid(images).save(args.out, **({"pnginfo": mark} if Path(args.out).suffix.lower() == ".png" else {}))
     print(f"wrote {len(images)} image(s) to {args.out}")
 
 
 if __name__ == "__main__":
-    main()
+    import sample as module  # the importable module, not a __main__ copy whose classes the other modules would not know
+    module.main()

@@ -19,8 +19,10 @@
         --prompt "a photo of sks mug on the beach" --num_images_per_prompt 4 --out mug.png
 """
 import argparse
+import contextlib
 import json
 import math
+import os
 import sys
 import time
 import warnings
@@ -30,16 +32,20 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from safetensors import safe_open
 from tqdm import tqdm
+
+try:
+    import fcntl                                      # POSIX; on Windows runs go unlocked
+except ImportError:
+    fcntl = None
 
 import ckpt
 import quant
 import sample
 import unet as unet_lib
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 OUT_FILE, STATE_FILE = "personalized.safetensors", "state.safetensors"
 # defaults of the paper's official scripts (SD v1.4, 512 px, batch 1); the toy model's own values were tuned here
 REAL_DEFAULTS = dict(learning_rate=3e-6, max_train_steps=400, full_learning_rate=5e-6)
@@ -54,37 +60,11 @@ class TrainingError(RuntimeError):
 # images from real folders
 
 
-def open_image(path):
-    """Any image file -> an upright 8-bit RGB PIL image, or None with a one-line warning if it cannot be read."""
-    try:
-        img = Image.open(path)
-        img.load()
-        img = ImageOps.exif_transpose(img)           # phone photos store their rotation in EXIF
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        warnings.warn(f"skipping {path}: not a readable image ({e})", stacklevel=2)
-        return None
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):   # 16-bit or float grayscale: rescale, don't clip
-        a = np.asarray(img, dtype=np.float32)
-        a = a / 65535.0 if a.max() > 255 else a / 255.0
-        img = Image.fromarray((a.clip(0, 1) * 255).round().astype(np.uint8), "L")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")                  # transparent pixels become white, not black
-        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    return img.convert("RGB")                      # CMYK, palette, grayscale
-
-
-def image_files(folder):
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise TrainingError(f"{folder} is not a folder; point --instance_data_dir at a folder of 3-6 photos")
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
-
-
 def load_images(files, resolution):
     """Image files -> (N,3,R,R) in [-1, 1]: the short side resized to R, then center-cropped; unreadable files are
     skipped with a warning, and a list with no usable image stops the run before any work."""
     out = []
-    for im in (open_image(f) for f in files):
+    for im in map(ckpt.open_image, files):
         if im is None:
             continue
         s = resolution / min(im.size)
@@ -94,7 +74,7 @@ def load_images(files, resolution):
         out.append(torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 127.5 - 1)
     if not out:
         where = Path(files[0]).parent if files else "the folder"
-        raise TrainingError(f"no usable image in {where} (looked for {', '.join(IMAGE_SUFFIXES)}); add photos")
+        raise TrainingError(f"no usable image in {where} (looked for {', '.join(ckpt.IMAGE_SUFFIXES)}); add photos")
     return torch.stack(out)
 
 
@@ -377,7 +357,12 @@ def optimizer_step(model, params, optimizer, batch, max_grad_norm):
 
 
 def save_state(path, params, optimizer, rng, step, config):
-    """Everything a bitwise resume needs: the trained tensors, AdamW's moments and step counts, the RNG state."""
+    """Everything a bitwise resume needs: the trained tensors, AdamW's moments and step counts, the RNG state.
+    Parameters that are no longer finite are never saved, so the state on disk is always the last good one."""
+    bad = [n for n, p in params.items() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise TrainingError(f"the trained tensors hold NaN or inf at step {step} (e.g. {bad[0]}); "
+                            + resume_advice(path))
     tensors = {"param." + n: p.detach().cpu() for n, p in params.items()}
     for n, p in params.items():
         for k, v in optimizer.state.get(p, {}).items():
@@ -386,11 +371,24 @@ def save_state(path, params, optimizer, rng, step, config):
     ckpt.atomic_save(tensors, path, {"qdp.train": json.dumps(config), "step": str(step)})
 
 
+def resume_advice(state):
+    """What to do after a NaN stop, naming a saved state only if one exists."""
+    if state.is_file():
+        with safe_open(str(state), framework="pt") as f:
+            step = f.metadata()["step"]
+        return (f"the last good state (step {step}) is {state}: rerun with --resume and a lower --learning_rate "
+                "(a resume may lower it)")
+    return "no state was saved yet: rerun with a lower --learning_rate"
+
+
 def load_state(path, params, optimizer, rng, config):
     with safe_open(str(path), framework="pt") as f:
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     saved = json.loads(meta["qdp.train"])
-    changed = [k for k in config if k not in ("max_train_steps", "resume") and saved.get(k) != config[k]]
+    # the one setting a resume may change besides the step count: a lower learning rate, the way out of a NaN stop
+    lowered = config["learning_rate"] < saved.get("learning_rate", 0)
+    changed = [k for k in config if k not in ("max_train_steps", "resume") and saved.get(k) != config[k]
+               and not (k == "learning_rate" and lowered)]
     if changed:
         raise TrainingError(f"{path} was written by a run with other settings ({', '.join(changed)}); "
                             "resume with the same flags or use a fresh --output_dir")
@@ -448,9 +446,10 @@ def load_personalized(sd, path, base_path=None):
 
 def prepare(sd, args):
     """Instance and class latents and the two text contexts, computed once; the VAE and text encoder then leave."""
-    files = image_files(args.instance_data_dir)
+    files = ckpt.image_files(args.instance_data_dir)
     if not files:
-        raise TrainingError(f"{args.instance_data_dir} holds no image ({', '.join(IMAGE_SUFFIXES)}); add 3-6 photos")
+        raise TrainingError(f"{args.instance_data_dir} holds no image ({', '.join(ckpt.IMAGE_SUFFIXES)}); add 3-6 "
+                            "photos")
     inst = load_images(files, args.resolution)
     data = {"alphas_cumprod": sample.alphas_cumprod().to(sd.device)}
     data["inst_mean"], data["inst_std"] = encode(sd, inst)
@@ -505,12 +504,42 @@ def lean_malloc():
             pass                                                  # not glibc (e.g. musl): nothing to tune
 
 
+@contextlib.contextmanager
+def folder_lock(folder, flag):
+    """Hold `folder`/.lock while this run uses the folder; another run on it is refused, with the holder's process id.
+    The lock is the kernel's (flock), so a run that is killed leaves nothing stuck."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a+") as f:
+        if fcntl is not None:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                raise TrainingError(f"{flag} {folder} is in use by another running train.py (process "
+                                    f"{f.read().strip() or '?'}); wait for it to finish, or choose another "
+                                    f"{flag}") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield                                         # closing the file releases the lock
+
+
 def train(args):
-    """The whole run; returns the path of the personalized file and the list of losses."""
+    """The whole run; returns the path of the personalized file and the list of losses. The output folder and the
+    class-image folder are locked for the run's length."""
+    with contextlib.ExitStack() as locks:
+        locks.enter_context(folder_lock(args.output_dir, "--output_dir"))
+        if args.with_prior_preservation:
+            locks.enter_context(folder_lock(args.class_data_dir, "--class_data_dir"))
+        return run(args)
+
+
+def run(args):
     if args.device == "cpu":
         lean_malloc()
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if args.ckpt is None:
         args.ckpt = str(ckpt.TOY_CKPT if args.method == "full" else default_quantized())
     args.base_sha256 = quant.sha256(args.ckpt)
@@ -546,8 +575,7 @@ def train(args):
         batch = make_batch(data, rng, args.train_batch_size, args.t_range, args.prior_loss_weight)
         loss, mse = optimizer_step(model, params, optimizer, batch, args.max_grad_norm)
         if not torch.isfinite(loss):
-            raise TrainingError(f"loss is {loss.item()} at step {step}; the last good state is {state}: lower "
-                                "--learning_rate and rerun with --resume")
+            raise TrainingError(f"the loss is {loss.item()} at step {step + 1}; " + resume_advice(state))
         losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % args.checkpointing_steps == 0 or step + 1 == args.max_train_steps:
@@ -679,13 +707,25 @@ def parse_args(argv=None):
                  "class_inference_steps"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
-    if args.learning_rate is not None and args.learning_rate <= 0:
-        p.error("--learning_rate must be positive")
+    if args.learning_rate is not None and not 0 < args.learning_rate < math.inf:
+        p.error(f"--learning_rate must be positive and finite, e.g. 2e-4, got {args.learning_rate}")
+    for name, least in (("prior_loss_weight", 0), ("adam_weight_decay", 0), ("max_grad_norm", 1e-12)):
+        if not least <= getattr(args, name) < math.inf:
+            p.error(f"--{name} must be a finite number {'above' if least else 'at least'} 0, got {getattr(args, name)}")
+    if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
+        p.error(f"--resolution must be a positive multiple of 8 (SD's VAE factor; sample.py draws only such sizes), "
+                f"e.g. 512, got {args.resolution}")
     if args.max_train_steps is not None and args.max_train_steps < 1:
         p.error("--max_train_steps must be at least 1")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("CUDA is not available here; use --device cpu")
     out = Path(args.output_dir)
+    try:                                # a file where a folder belongs, or a place that cannot be written
+        ckpt.check_output(out, "--output_dir", overwrite=True, folder=True)
+        if args.with_prior_preservation:
+            ckpt.check_output(args.class_data_dir, "--class_data_dir", overwrite=True, folder=True)
+    except ckpt.CheckpointError as e:
+        p.error(str(e))
     if (out / STATE_FILE).is_file() and not args.resume:
         p.error(f"{out} already holds a run; add --resume to continue it, or pick another --output_dir")
     return args
@@ -700,4 +740,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    import train as module  # the importable module, not a __main__ copy whose classes the other modules would not know
+    module.main()

@@ -278,18 +278,21 @@ def test_in_scales_save_and_load(w4a8, calib, tmp_path):
 
 def test_load_errors_are_one_line(w4a8, tmp_path):
     """A truncated file, a missing tensor (named), a zero point out of range and float codes each give a one-line
-    CheckpointError."""
+    CheckpointError; so do flipped bits in the integer codes, which only the stored checksum can tell. The edits
+    but the last drop the checksum, as a file edited by another tool would, to reach the checks behind it."""
     path = tmp_path / "q.safetensors"
     quant.save_quantized(w4a8, path)
     data, meta = path.read_bytes(), safe_open(str(path), "pt").metadata()
     cases = {"truncated": data[:len(data) // 2]}
     tensors, key = load_file(path), "model.diffusion_model.out.2.weight_quantizer.w_int"
+    unsummed = {k: v for k, v in meta.items() if k != "qdp.unet_sha256"}
     for name, edit in [("missing", lambda d: d.pop(key)),
                        ("zero_point", lambda d: d["model.diffusion_model.out.2.weight_quantizer.zero_point"].fill_(16)),
-                       ("dtype", lambda d: d.__setitem__(key, d[key].float()))]:
+                       ("dtype", lambda d: d.__setitem__(key, d[key].float())),
+                       ("bitflip", lambda d: d[key].view(-1)[:8].bitwise_xor_(0x11))]:
         broken = {k: v.clone() for k, v in tensors.items()}
         edit(broken)
-        save_file(broken, str(tmp_path / "b.safetensors"), metadata=meta)
+        save_file(broken, str(tmp_path / "b.safetensors"), metadata=meta if name == "bitflip" else unsummed)
         cases[name] = (tmp_path / "b.safetensors").read_bytes()
     for name, blob in cases.items():
         (tmp_path / f"{name}.safetensors").write_bytes(blob)
@@ -298,7 +301,7 @@ def test_load_errors_are_one_line(w4a8, tmp_path):
         message = str(e.value)
         assert "\n" not in message
         assert {"truncated": "truncated", "missing": key[len("model.diffusion_model."):],
-                "zero_point": "[0, 15]", "dtype": "wrong shape or dtype"}[name] in message
+                "zero_point": "[0, 15]", "dtype": "wrong shape or dtype", "bitflip": "checksum"}[name] in message
 
 
 @pytest.mark.parametrize("flags,message", [

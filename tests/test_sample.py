@@ -193,7 +193,9 @@ def test_generate_matches_diffusers(tiny_pipe, scheduler, eta, prompt, negative,
     (["--export", "folder", "--export_format", "compvis"], "writes one file"),
     (["--export", "missing"], "overwrite --ckpt"),
     (["--expert", "1"], "drop --expert"),
-    (["--overwrite"], "only apply with --export"),
+    (["--export_dtype", "fp16"], "only apply with --export"),
+    (["--guidance_scale", "nan"], "finite number"),
+    (["--guidance_scale", "inf"], "finite number"),
 ])
 def test_cli_rejects_bad_flags(flags, message, capsys):
     """A contradictory or invalid flag stops the CLI before any loading, with a message that says what to fix."""

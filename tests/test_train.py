@@ -1,6 +1,10 @@
 """train.py: instance images from real folders, the timestep logic of S1 and S2, what trains, and whole runs."""
 import io
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +13,8 @@ from PIL import Image
 
 import train
 from conftest import SHARED
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -35,6 +41,7 @@ def _write_hostile_folder(d):
     Image.fromarray(rgb).save(buf, "JPEG")
     (d / "i_truncated.jpg").write_bytes(buf.getvalue()[:100])
     (d / "notes.txt").write_text("ignored: not an image suffix")
+    Image.new("1", (20000, 20000)).save(d / "j_bomb.png")          # 400 Mpixel: over twice PIL's bomb limit
     return ["a_plain.jpg", "b_rgba.png", "c_gray.png", "d_cmyk.jpg", "e_16bit.png", "f_rotated.jpg", "g_photo.webp"]
 
 
@@ -44,11 +51,11 @@ def test_hostile_image_folder(tmp_path):
     opened = {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for f in train.image_files(tmp_path):
-            opened[f.name] = train.open_image(f)
+        for f in ckpt.image_files(tmp_path):
+            opened[f.name] = ckpt.open_image(f)
     skipped = [str(w.message) for w in caught]
     assert sorted(n for n, im in opened.items() if im is not None) == good
-    assert any("h_not_an_image.jpg" in m for m in skipped) and any("i_truncated.jpg" in m for m in skipped)
+    assert all(any(bad in m for m in skipped) for bad in ("h_not_an_image.jpg", "i_truncated.jpg", "j_bomb.png"))
     assert all(opened[n].mode == "RGB" for n in good)
     assert opened["b_rgba.png"].getpixel((0, 0)) == (255, 255, 255)       # transparent -> white
     assert abs(opened["e_16bit.png"].getpixel((0, 0))[0] - round(40000 / 65535 * 255)) <= 1   # rescaled, not clipped
@@ -57,26 +64,26 @@ def test_hostile_image_folder(tmp_path):
     assert top[0] > 200 and bottom[2] > 200                                # red rotated to the top
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        x = train.load_images(train.image_files(tmp_path), 16)
+        x = train.load_images(ckpt.image_files(tmp_path), 16)
     assert x.shape == (len(good), 3, 16, 16) and x.min() >= -1 and x.max() <= 1
 
 
 def test_empty_and_unusable_folders_stop_before_work(tmp_path):
     """An empty folder, a folder of broken files and a missing folder each raise one clear TrainingError."""
-    with pytest.raises(train.TrainingError, match="not a folder"):
-        train.image_files(tmp_path / "missing")
-    assert train.image_files(tmp_path) == []
+    with pytest.raises(ckpt.CheckpointError, match="not a folder"):
+        ckpt.image_files(tmp_path / "missing")
+    assert ckpt.image_files(tmp_path) == []
     (tmp_path / "x.jpg").write_text("not a jpeg")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(train.TrainingError, match="no usable image"):
-            train.load_images(train.image_files(tmp_path), 16)
+            train.load_images(ckpt.image_files(tmp_path), 16)
 
 
 @pytest.mark.skipif(not (SHARED / "dreambooth").is_dir(), reason="needs ../shared/assets/dreambooth")
 def test_real_dreambooth_folder():
     """The real DreamBooth photos (JPEGs of various sizes) load center-cropped at the requested resolution."""
-    files = train.image_files(SHARED / "dreambooth" / "dataset" / "dog")
+    files = ckpt.image_files(SHARED / "dreambooth" / "dataset" / "dog")
     x = train.load_images(files, 64)
     assert x.shape == (len(files), 3, 64, 64) and 4 <= len(files) <= 6
 
@@ -297,6 +304,48 @@ def test_nan_loss_stops_and_keeps_the_last_state(files, tmp_path, monkeypatch):
         assert f.metadata()["step"] == "2"
 
 
+def test_nan_stop_advice_can_be_followed(files, tmp_path, monkeypatch):
+    """The NaN stop names the saved state and its step (or says none was saved), NaN parameters are never saved over
+    the last good state, and `--resume` with a lower learning rate finishes the run, while a higher one is refused."""
+    real = train.train_step
+    monkeypatch.setattr(train, "train_step", lambda m, b: (real(m, b)[0] * float("nan"), real(m, b)[1]))
+    with pytest.raises(train.TrainingError, match="no state was saved yet: rerun with a lower --learning_rate"):
+        run(files, tmp_path / "first", "--max_train_steps", "3")
+    monkeypatch.setattr(train, "train_step", real)
+    out = tmp_path / "run"
+    run(files, out, "--max_train_steps", "2", "--checkpointing_steps", "1")
+    good = (out / train.STATE_FILE).read_bytes()
+    params = {"w": torch.nn.Parameter(torch.tensor([1.0, float("nan")]))}
+    with pytest.raises(train.TrainingError, match=r"NaN or inf at step 3 .*last good state \(step 2\)"):
+        train.save_state(out / train.STATE_FILE, params, torch.optim.AdamW(params.values()), torch.Generator(), 3, {})
+    assert (out / train.STATE_FILE).read_bytes() == good
+    with pytest.raises(train.TrainingError, match="other settings"):
+        run(files, out, "--max_train_steps", "3", "--resume", "--learning_rate", "2e-3")
+    path, losses = run(files, out, "--max_train_steps", "3", "--resume", "--learning_rate", "5e-4")
+    assert path.is_file() and len(losses) == 1
+
+
+def test_a_run_folder_in_use_is_refused(files, tmp_path):
+    """While one run holds --output_dir (or the class folder), another is refused, naming the holder; a holder killed
+    with SIGKILL leaves the folder free."""
+    with train.folder_lock(tmp_path / "busy", "--output_dir"):
+        with pytest.raises(train.TrainingError, match=f"in use by another running train.py \\(process {os.getpid()}"):
+            run(files, tmp_path / "busy")
+        with pytest.raises(train.TrainingError, match="--class_data_dir .* in use"):
+            run(files, tmp_path / "other", "--with_prior_preservation", "--class_prompt", "a mug",
+                "--class_data_dir", str(tmp_path / "busy"))
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, train; "
+                               "lock = train.folder_lock(sys.argv[1], 'x'); lock.__enter__(); print('held', flush=True); "
+                               "time.sleep(60)", str(tmp_path / "killed")], cwd=ROOT, stdout=subprocess.PIPE)
+    assert holder.stdout.readline().strip() == b"held"
+    with pytest.raises(train.TrainingError, match="in use"):
+        run(files, tmp_path / "killed")
+    holder.kill()
+    holder.wait()
+    path, _ = run(files, tmp_path / "killed", "--max_train_steps", "1")
+    assert path.is_file()
+
+
 def test_default_learning_rate_follows_the_scale_size(files):
     """PEQA's default lr is W4's, times 15/255 at W8, where every scale is 15/255 as large; full keeps its own."""
     sd = tiny_sd()
@@ -345,6 +394,14 @@ def test_class_images_resume_identically(files, tmp_path):
     (["--method", "full", "--n_experts", "2"], "needs --method peqa"),
     (["--method", "full", "--multi_channel"], "needs --method peqa"),
     (["--max_train_steps", "0"], "at least 1"),
+    (["--learning_rate", "nan"], "positive and finite"),
+    (["--learning_rate", "inf"], "positive and finite"),
+    (["--prior_loss_weight", "nan"], "--prior_loss_weight must be a finite number"),
+    (["--resolution", "63"], "multiple of 8"),
+    (["--resolution", "7"], "multiple of 8"),
+    (["--resolution", "0"], "multiple of 8"),
+    (["--output_dir", __file__], "is a file, not a folder"),
+    (["--output_dir", __file__ + "/o"], "is a file, so nothing can be written under it"),
 ])
 def test_cli_rejects_bad_flags(flags, message, tmp_path, capsys):
     """Each inconsistent flag combination stops right after parsing with a message that says what to do."""
