@@ -1,5 +1,7 @@
 """Every notebook runs top to bottom on the toy world (nbclient, a dev extra), in order: notebook 2 makes the
-quantized model that 3-5 reuse."""
+quantized model that 3-5 reuse. They run at the reduced setting their first cell reads (QDP_NOTEBOOK_QUICK=1: fewer
+AdaRound iterations and training steps, the same cells), so that no cell needs minutes even on a loaded machine;
+people get the full setting."""
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,9 @@ def test_there_are_five_stages():
 def test_notebook_runs(path, monkeypatch):
     nb = nbformat.read(path, as_version=4)
     assert "REAL_CKPT = None" in "".join(c.source for c in nb.cells)     # the toy switch is what CI runs
+    assert "QDP_NOTEBOOK_QUICK" in nb.cells[1].source + nb.cells[0].source
     monkeypatch.setenv("OMP_NUM_THREADS", "1")   # the kernel inherits it: one torch thread, as the rest of the suite
-    client = nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",
+    monkeypatch.setenv("QDP_NOTEBOOK_QUICK", "1")
+    client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
                                      resources={"metadata": {"path": str(path.parent)}})
     client.execute()                     # raises CellExecutionError, with the failing cell, on any error
