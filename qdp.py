@@ -56,11 +56,17 @@ def stage(k, name, line):
     print(f"[{k}/5] {name}: {line}", flush=True)
 
 
+def begin(k, name, line):
+    """A stage's first line, before its work starts (the closing line, from stage(), gives its seconds)."""
+    print(f"[{k}/5] {name}: {line} ...", flush=True)
+
+
 def quantize(args, out):
     """Stage 1: the quantized base model, made once per --out (quant.py's defaults: Q-Diffusion's recipe on SD v1,
     its fast preset on the toy model)."""
     path = out / f"quantized_w{args.wbits}a{args.abits}.safetensors"
     t0 = time.time()
+    begin(1, "quantize", f"W{args.wbits}A{args.abits} with AdaRound" + (f", reusing {path}" if path.is_file() else ""))
     if not path.is_file():
         extra = [] if args.quant_iters is None else ["--iters", str(args.quant_iters), "--act_iters",
                                                       str(args.quant_iters)]
@@ -74,6 +80,8 @@ def personalize(args, base, out, subject_dir, cls):
     """Stage 2: one train.py run per method, all with prior preservation on class images the quantized model draws
     (generated once, shared by the methods)."""
     runs = {}
+    begin(2, "personalize", f"{', '.join(args.methods)} on {subject_dir} as '{args.token} {cls}', with prior "
+          f"preservation on {args.num_class_images} class images")
     for method in args.methods:
         run = out / method
         t0 = time.time()
@@ -99,6 +107,8 @@ def sample_and_score(args, base, runs, refs, cls, templates):
     """Stages 3 and 4: the untrained quantized model and each personalized one, on the same prompts and seeds."""
     ev = metrics.load_evaluators(args.clip, args.dino) if args.evaluate else None
     rows, grids = {}, {}
+    t0 = time.time()
+    begin(3, "sample and evaluate", f"{1 + len(runs)} models x {len(templates)} prompts x {args.n_images} images")
     for name, scales in [("untrained", None), *runs.items()]:
         sd = ckpt.load_sd(base, device=args.device)
         if scales is not None:
@@ -110,7 +120,10 @@ def sample_and_score(args, base, runs, refs, cls, templates):
             scores.update(trainable=sum(v.numel() for v in load_file(scales).values()),
                           file_mib=scales.stat().st_size / 2**20)
         rows[name], grids[name] = scores, [(images[i], prompts[i]) for i in range(0, len(images), args.n_images)]
-    stage(3, "sample", f"{len(rows)} models x {len(templates)} prompts x {args.n_images} images")
+        print(f"    {name}: {len(images)} images drawn" + (" and scored" if ev else "")
+              + f" ({time.time() - t0:.0f} s so far)", flush=True)
+    stage(3, "sample", f"{len(rows)} models x {len(templates)} prompts x {args.n_images} images in "
+          f"{time.time() - t0:.0f} s")
     if ev is not None:
         stage(4, "evaluate", "  ".join(f"{n} CLIP-I {r['clip_i']:.3f} DINO {r['dino']:.3f}" for n, r in rows.items()))
     else:

@@ -38,7 +38,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 from transformers import CLIPTextModel
 
 import ckpt
@@ -389,7 +388,7 @@ def swap_in(unet, wbits, abits, softmax_bits, splits=None, init=True):
             put(name, QuantCrossAttention.from_float(m, abits, softmax_bits))
     splits = unet_lib.concat_splits(unet.config) if splits is None else splits
     named = [(n, m) for n, m in unet.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
-    for name, m in tqdm(named, desc="quantize layers", disable=len(named) < 200 or not init):
+    for name, m in named if len(named) < 200 or not init else sample.progress(named, "quantize layers", unit="layers"):
         put(name, QuantLayer.from_float(m, wbits, abits, splits.get(name), init))
     return unet
 
@@ -455,7 +454,8 @@ def calibrate(sd, prompts, num_inference_steps=50, every=2, guidance_scale=7.5, 
 
     param, cfg = next(sd.unet.parameters()), sd.unet.config
     generator = torch.Generator().manual_seed(seed)
-    for start in tqdm(range(0, len(prompts), batch_size), desc="calibration batches"):
+    for start in sample.progress(range(0, len(prompts), batch_size), f"calibration: sampling {len(prompts)} prompts "
+                                 f"in batches of {batch_size}", unit="batches"):
         chunk = list(prompts[start:start + batch_size])
         ctx, uncond = (sample.encode_prompts(sd, p).to(param) for p in (chunk, [""] * len(chunk)))
         shape = (len(chunk), cfg.in_channels, cfg.sample_size, cfg.sample_size)
@@ -584,7 +584,7 @@ def fit(unit, inputs, target, params, iters, batch_size, lr, regularizer=None, c
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iters) if cosine else None
     g = torch.Generator().manual_seed(seed)
-    for i in tqdm(range(iters), leave=False, disable=iters < 1000):
+    for i in range(iters) if iters < 1000 else sample.progress(range(iters), "AdaRound iterations", inner=True):
         idx = torch.randint(len(target), (batch_size,), generator=g)
         loss = recon_loss(unit(*[a[idx].to(device) for a in inputs]), target[idx].to(device))
         opt.zero_grad(set_to_none=True)
@@ -613,7 +613,7 @@ def reconstruct(qunet, fp_unet, calib, iters=20000, act_iters=5000, batch_size=3
                      for t in ts)
     cached = capture(fp_unet, names, data, batch_size) if per_sample * len(data[0]) <= target_budget else {}
     try:
-        bar = tqdm(units, desc="AdaRound + BRECQ")
+        bar = sample.progress(units, "AdaRound + BRECQ", unit="blocks")
         for j, (name, unit) in enumerate(bar):
             acts = [m for m in unit.modules() if isinstance(m, ActQuantizer)]
             if not (iters or acts):

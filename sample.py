@@ -40,6 +40,41 @@ EXPORT_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 COMPVIS_SUFFIXES = (".safetensors", ".ckpt")  # --export to one of these writes one file, to anything else a folder
 
 
+def progress(iterable, desc, total=None, unit="it", initial=0, inner=False):
+    """A labelled progress bar (tqdm) on a terminal. Where stderr is not one (a log file, a pipe, a notebook under
+    test) a bar would leave a carriage-return line per update, so instead: nothing for an `inner` loop (the DDIM steps
+    of one image), and for the others a plain line at every tenth of the way."""
+    if sys.stderr.isatty():
+        return tqdm(iterable, desc=desc, total=total, unit=unit, initial=initial, leave=not inner)
+    return PlainProgress(iterable, desc, total, unit, initial, quiet=inner)
+
+
+class PlainProgress:
+    """progress() off a terminal: iterates as tqdm does, prints "desc: n/total unit (pct%) in s" every tenth."""
+
+    def __init__(self, iterable, desc, total, unit, initial, quiet):
+        self.iterable, self.desc, self.unit, self.n, self.quiet = iterable, desc, unit, initial, quiet
+        self.total = total if total is not None else (len(iterable) + initial if hasattr(iterable, "__len__") else None)
+        self.postfix, self.t0, self.next = "", time.time(), None
+
+    def __iter__(self):
+        every = max(1, (self.total or 10) // 10)
+        for item in self.iterable:
+            yield item
+            self.n += 1
+            if not self.quiet and (self.n % every == 0 or self.n == self.total):
+                print(f"{self.desc}: {self.n}/{self.total or '?'} {self.unit}"
+                      + (f" ({100 * self.n / self.total:.0f}%)" if self.total else "")
+                      + f" in {time.time() - self.t0:.0f} s" + (f", {self.postfix}" if self.postfix else ""),
+                      file=sys.stderr, flush=True)
+
+    def set_postfix(self, **kw):
+        self.postfix = ", ".join(f"{k} {v}" for k, v in kw.items())
+
+    def set_postfix_str(self, s):
+        self.postfix = s
+
+
 def alphas_cumprod():
     """alpha_bar_t = prod_{s<=t} (1 - beta_s), (1000,) float32, for betas that are linear in sqrt(beta).
 
@@ -174,7 +209,7 @@ def sample_latents(unet, ctx, uncond_ctx, latents, num_inference_steps, guidance
     else:
         raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
     x = latents
-    for i, t in enumerate(tqdm(sampler.timesteps, desc=scheduler)):
+    for i, t in enumerate(progress(sampler.timesteps, f"{scheduler} steps", unit="steps", inner=True)):
         hook = None if callback is None else functools.partial(callback, i)
         x = sampler.step(x, guided_eps(unet, x, t, ctx, uncond_ctx, guidance_scale, hook), t)
     return x

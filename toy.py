@@ -108,7 +108,7 @@ class Data:
         self.seed = seed
         self.scenes = [world.sample_scene(rng, split="train") for _ in range(n)]
         self.images = as_uint8(world.render(s, seed=seed * 1_000_003 + i)[0]
-                               for i, s in enumerate(tqdm(self.scenes, "render scenes")))
+                               for i, s in enumerate(sample.progress(self.scenes, "render scenes", unit="scenes")))
         rng = random.Random(seed + 77)                  # each scene's object again, on another background
         self.twin_scenes = [replace(s, context=rng.choice([c for c in world.CONTEXTS if c != s.context]))
                             for s in self.scenes]
@@ -120,7 +120,8 @@ class Data:
         Rendered once, on first use, and only by the stage that needs them."""
         if self._twins is None:
             self._twins = as_uint8(world.render(s, seed=self.seed * 1_000_003 + 500_000 + i)[0]
-                                   for i, s in enumerate(tqdm(self.twin_scenes, "render twins")))
+                                   for i, s in enumerate(sample.progress(self.twin_scenes, "render twins",
+                                                                                 unit="scenes")))
         return self._twins
 
     def batch(self, step, size, seed):
@@ -168,7 +169,7 @@ def fit(name, model, loss_fn, steps, lr, out, params=None, ema=None, save_every=
             ema.load_state_dict(state["ema"])
         start = state["step"]
     warmup = max(1, min(100, steps // 10))
-    bar = tqdm(range(start, steps), desc=name, initial=start, total=steps)
+    bar = sample.progress(range(start, steps), name, total=steps, unit="steps", initial=start)
     t0 = time.time()
     for step in bar:
         for group in opt.param_groups:

@@ -91,12 +91,12 @@ def generate_class_images(sd, class_prompt, folder, n, seed=0, batch_size=4, num
     elif not note.is_file():
         note.write_text(class_prompt + "\n")
     todo = [i for i in range(n) if not (folder / f"{i:04d}.png").is_file()]
-    for j in tqdm(range(0, len(todo), batch_size), "class images", disable=not todo):
-        for i in todo[j:j + batch_size]:  # one seed per image, so a batch size change keeps the images
-            img = sample.generate(sd, class_prompt, seed=seed + i, num_inference_steps=num_inference_steps,
-                                  guidance_scale=guidance_scale, height=height, width=width)[0]
-            img.save(folder / f".{i:04d}.png")           # rename is atomic: a killed run leaves no half file
-            (folder / f".{i:04d}.png").replace(folder / f"{i:04d}.png")
+    bar = sample.progress(todo, f"class images of {class_prompt!r}", total=n, unit="images", initial=n - len(todo))
+    for i in bar if todo else []:         # one seed per image, so a batch size change or a resume keeps the images
+        img = sample.generate(sd, class_prompt, seed=seed + i, num_inference_steps=num_inference_steps,
+                              guidance_scale=guidance_scale, height=height, width=width)[0]
+        img.save(folder / f".{i:04d}.png")               # rename is atomic: a killed run leaves no half file
+        (folder / f".{i:04d}.png").replace(folder / f"{i:04d}.png")
     return sorted(folder.glob("[0-9][0-9][0-9][0-9].png"))[:n]
 
 
@@ -569,7 +569,8 @@ def run(args):
     if args.resume and state.is_file():
         start = load_state(state, params, optimizer, rng, config)
         print(f"resumed from {state} at step {start}")
-    bar = tqdm(range(start, args.max_train_steps), "train", initial=start, total=args.max_train_steps)
+    bar = sample.progress(range(start, args.max_train_steps), "train", total=args.max_train_steps, unit="steps",
+                          initial=start)
     t0 = time.time()
     for step in bar:
         batch = make_batch(data, rng, args.train_batch_size, args.t_range, args.prior_loss_weight)

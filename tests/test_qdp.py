@@ -10,8 +10,14 @@ FAST = ["--quant_iters", "1", "--max_train_steps", "2", "--num_inference_steps",
 def test_end_to_end_and_rerun_reuses_the_stages(tmp_path, capsys):
     out = tmp_path / "qdp"
     qdp.main(["--out", str(out), "--subject", "vase_heart", *FAST])
-    log = capsys.readouterr().out
+    captured = capsys.readouterr()
+    log = captured.out
     assert all(f"[{k}/5]" in log for k in range(1, 6))
+    lines = log.splitlines()                    # each of stages 1-3 is announced before its work, then closed
+    for k in (1, 2, 3):
+        opened = next(i for i, line in enumerate(lines) if line.startswith(f"[{k}/5]") and line.endswith(" ..."))
+        assert any(line.startswith(f"[{k}/5]") and not line.endswith(" ...") for line in lines[opened + 1:])
+    assert "\r" not in captured.err and "train: 2/2 steps (100%)" in captured.err   # off a terminal: plain lines
     report = (out / "report.md").read_text()
     for row in ("| untrained |", "| baseline |", "| s1 |", "| s2 |"):
         assert row in report

@@ -317,3 +317,16 @@ def test_export_never_overwrites_without_flag(files, tmp_path, capsys):
     with safe_open(str(path), "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
     assert Image.open(tmp_path / "x.png").size == (RES, RES)
+
+
+def test_progress_off_a_terminal_is_plain_lines(capsys):
+    """Off a terminal (as under pytest) a progress bar is one plain line per tenth, counting what it is told to count
+    from where a resumed loop starts, and an inner loop (one image's DDIM steps) prints nothing."""
+    items = list(sample.progress(range(20), "work", unit="images"))
+    lines = capsys.readouterr().err.splitlines()
+    assert items == list(range(20)) and len(lines) == 10 and "\r" not in "".join(lines)
+    assert lines[0].startswith("work: 2/20 images (10%) in ") and lines[-1].startswith("work: 20/20 images (100%)")
+    list(sample.progress(range(5), "resumed", total=8, initial=3))
+    assert capsys.readouterr().err.splitlines()[-1].startswith("resumed: 8/8 it (100%)")
+    list(sample.progress(range(50), "ddim steps", inner=True))
+    assert capsys.readouterr().err == ""
