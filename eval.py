@@ -274,11 +274,13 @@ def templates_for(cls, objects, live):
     return live if cls in ("dog", "cat") else objects
 
 
-def evaluate_subject(sd, ev, references, cls, templates, token="sks", n_images=4, seed=0, **sampling):
+def evaluate_subject(sd, ev, references, cls, templates, token="sks", n_images=4, seed=0, per_image=False,
+                     **sampling):
     """Sample every template n_images times (template i from seed + i) and score the lot against the references.
     CLIP-T takes the prompt without the identifier ("a dog in the snow"), which the evaluation CLIP never saw;
     local CLIP-I crops each image to where the model attends to the class word of its own prompt. With ev=None the
-    images are only drawn (scores {})."""
+    images are only drawn (scores {}); with per_image, scores["per_image"] holds each image's CLIP-I and DINO (its
+    mean over the references), whose means are the scores, for paired comparisons between models."""
     import sample
     images, prompts, shown = [], [], []          # shown: what the model was given; prompts: what CLIP-T reads
     for i, tpl in enumerate(templates):
@@ -288,9 +290,14 @@ def evaluate_subject(sd, ev, references, cls, templates, token="sks", n_images=4
         prompts += [" ".join(tpl.format("", cls).split())] * n_images
     if ev is None:
         return {}, images, prompts
-    return {"clip_i": clip_i(ev, images, references),
-            "local_clip_i": local_clip_i(ev, sd, images, shown, cls, references),
-            "clip_t": clip_t(ev, images, prompts), "dino": dino(ev, images, references)}, images, prompts
+    scores = {"clip_i": clip_i(ev, images, references),
+              "local_clip_i": local_clip_i(ev, sd, images, shown, cls, references),
+              "clip_t": clip_t(ev, images, prompts), "dino": dino(ev, images, references)}
+    if per_image:
+        scores["per_image"] = {
+            "clip_i": (clip_image_embeds(ev, images) @ clip_image_embeds(ev, references).T).mean(1).tolist(),
+            "dino": (dino_embeds(ev, images) @ dino_embeds(ev, references).T).mean(1).tolist()}
+    return scores, images, prompts
 
 
 def confidence_interval(values, level=0.95, n_boot=10_000, seed=0):

@@ -115,7 +115,7 @@ def sample_and_score(args, base, runs, refs, cls, templates):
             train.load_personalized(sd, scales, base_path=base)
         sampling = dict(num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale)
         scores, images, prompts = metrics.evaluate_subject(sd, ev, refs, cls, templates, args.token, args.n_images,
-                                                           args.seed, **sampling)
+                                                           args.seed, per_image=True, **sampling)
         if scales is not None:
             scores.update(trainable=sum(v.numel() for v in load_file(scales).values()),
                           file_mib=scales.stat().st_size / 2**20)
@@ -131,26 +131,65 @@ def sample_and_score(args, base, runs, refs, cls, templates):
     return rows, grids
 
 
+LEGEND = {
+    "clip_i": "mean cosine between each sample and each reference photo in the evaluation CLIP's image space: how much "
+              "the samples look like the subject",
+    "local_clip_i": "CLIP-I on the crop where the model attends to the class word: the subject itself, not the "
+                    "background",
+    "clip_t": "cosine between each sample and its prompt without the identifier: how well the prompt is followed",
+    "dino": "as CLIP-I in a self-supervised ViT's space (the toy world: its DINO stand-in), which tells individuals of "
+            "one class apart better than CLIP does"}
+
+
+def change_rows(rows):
+    """Markdown rows: each trained model's CLIP-I and DINO minus the untrained model's, paired image by image (same
+    prompts and seeds), with a 95% bootstrap interval over the images."""
+    base = rows["untrained"]["per_image"]
+    lines = []
+    for name, r in rows.items():
+        if name == "untrained":
+            continue
+        cells = []
+        for k in ("clip_i", "dino"):
+            mean, lo, hi = metrics.confidence_interval([a - b for a, b in zip(r["per_image"][k], base[k])])
+            cells.append(f"{mean:+.3f} ({lo:+.3f} to {hi:+.3f})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def report(args, out, rows, grids, refs, subject, cls, seconds):
-    """Stage 5: report.md (settings, table, grid) and report.png (references, then each model's first samples)."""
-    cols = min(6, len(next(iter(grids.values()))))
+    """Stage 5: report.png (the references, then each model's first image of every prompt) and report.md (settings,
+    the table, the change from the untrained model, what the columns mean and what one subject can show)."""
+    n_prompts = len(grids["untrained"])
+    cols = min(n_prompts, 9)
     cells = [(im, f"reference {i}") for i, im in enumerate(refs[:cols])]
-    cells += [(Image.new("RGB", (8, 8), "white"), "")] * (cols - len(cells))
+    cells += [(Image.new("RGB", (8, 8), "white"), "")] * (-len(cells) % cols)
     for name, g in grids.items():
-        cells += [(im, f"{name}: {p}") for im, p in g[:cols]]
+        cells += [(im, f"{name}: {p}") for im, p in g]
     world.grid(cells, cols=cols).save(out / "report.png")
     keys = [k for k in ("clip_i", "local_clip_i", "clip_t", "dino") if k in next(iter(rows.values()))]
+    n_scored = n_prompts * args.n_images
     lines = [f"# qdp report: {subject} ({cls})", "",
              f"Base `{args.ckpt}` quantized W{args.wbits}A{args.abits}; DreamBooth with prior preservation on the "
-             f"scales only; {len(grids['untrained'])} prompts x {args.n_images} images, {args.num_inference_steps} "
-             f"DDIM steps, guidance {args.guidance_scale}, seed {args.seed}. Total {seconds / 60:.1f} min.", ""]
+             f"scales only; {n_prompts} prompts x {args.n_images} images per model, {args.num_inference_steps} DDIM "
+             f"steps, guidance {args.guidance_scale}, seed {args.seed}. Total {seconds / 60:.1f} min.", ""]
     if keys:
         lines += ["| model | " + " | ".join(metrics.METRIC_NAMES[k] for k in keys) + " | trainable | file |",
                   "|---" * (len(keys) + 3) + "|"]
         for name, r in rows.items():
             extra = [f"{r['trainable']:,}", f"{r['file_mib']:.2f} MiB"] if "trainable" in r else ["-", "-"]
             lines.append(f"| {name} | " + " | ".join(f"{r[k]:.3f}" for k in keys) + " | " + " | ".join(extra) + " |")
-    lines += ["", "![samples](report.png)", ""]
+        lines += ["", f"Change from the untrained model, paired image by image (the same {n_scored} prompts and seeds),"
+                  " with a 95% bootstrap interval over the images:", "",
+                  "| model | CLIP-I change | DINO change |", "|---|---|---|", *change_rows(rows), "",
+                  "What the columns measure (higher is better for each):", ""]
+        lines += [f"- {metrics.METRIC_NAMES[k]}: {LEGEND[k]}." for k in keys]
+        lines += ["", f"One subject and {n_scored} samples per model: a change whose interval holds 0 is noise, and "
+                  "no ranking of the methods follows from one subject. The paper's protocol (30 subjects x 25 "
+                  "prompts: `python eval.py --dataset ...`, or `python studies.py` in the toy world) can rank them."]
+    lines += ["", "![samples](report.png)", "",
+              f"report.png: the references, then one row per model with the first of the {args.n_images} images of "
+              f"each of the {n_prompts} prompts.", ""]
     (out / "report.md").write_text("\n".join(lines))
     (out / "report.json").write_text(json.dumps(rows, indent=2))
     stage(5, "report", f"{out / 'report.md'} and {out / 'report.png'}")

@@ -22,7 +22,7 @@ def main():
         rows = []
         with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT) as p:
             for line in p.stdout:
-                if line.startswith("[") and "/5]" in line[:6]:
+                if line.startswith("[") and "/5]" in line[:6] and not line.rstrip().endswith(" ..."):  # a stage's end
                     now = time.time()
                     rows.append((line.split(":")[0], now - last, line.strip()))
                     last = now

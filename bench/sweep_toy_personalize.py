@@ -47,12 +47,15 @@ def main():
     p.add_argument("--n_images", type=int, default=4, help="samples per prompt")
     p.add_argument("--seed", type=int, default=0, help="training and sampling seed")
     p.add_argument("--out", default="runs/sweep_personalize", help="runs, samples and results.json; reused")
+    p.add_argument("--fp", default=str(ckpt.TOY_CKPT), help="the float base model (full configs)")
+    p.add_argument("--quantized", default=None, help="the quantized base model (peqa configs); unset: the toy model "
+                   "quantized W4A8 by quant.py's fast preset")
     args = p.parse_args()
     root, classes, _, _ = metrics.dataset_subjects(Path(__file__).resolve().parents[1] / "assets/toy/dreambooth")
     cls, refs = classes[args.subject], metrics.read_images(root / args.subject)
     out = Path(args.out) / (args.subject + ("_prior" if args.prior else ""))
     out.mkdir(parents=True, exist_ok=True)
-    bases = {"full": ckpt.TOY_CKPT, "peqa": train.default_quantized()}
+    bases = {"full": Path(args.fp), "peqa": Path(args.quantized) if args.quantized else train.default_quantized()}
     results = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
     jobs = [("untrained fp", "full", None, 0), ("untrained W4A8", "peqa", None, 0)]
     jobs += [(c, c.split(":")[0], float(c.split(":")[1]), int(c.split(":")[2])) for c in args.configs.split(",")]

@@ -48,3 +48,14 @@ def test_bad_flags_stop_with_one_line(flags, message, capsys):
 def test_unknown_subject_names_the_choices(tmp_path):
     with pytest.raises(SystemExit, match="choose from .*dog_patch"):
         qdp.main(["--out", str(tmp_path), "--subject", "unicorn"])
+
+
+def test_change_rows_are_paired_differences():
+    """The report's change rows are each model's per-image scores minus the untrained model's, image by image, with
+    a bootstrap interval that holds the mean and shrinks to it when every difference is the same."""
+    rows = {"untrained": {"per_image": {"clip_i": [0.1, 0.2, 0.3, 0.4], "dino": [0.5, 0.5, 0.5, 0.5]}},
+            "baseline": {"per_image": {"clip_i": [0.2, 0.3, 0.4, 0.5], "dino": [0.4, 0.6, 0.5, 0.9]}}}
+    (line,) = qdp.change_rows(rows)
+    assert line == "| baseline | +0.100 (+0.100 to +0.100) | +0.100 (" + line.split("| +0.100 (")[2]
+    lo, hi = (float(v) for v in line.split("| +0.100 (")[2].rstrip(") |").split(" to "))
+    assert lo < 0.1 < hi
