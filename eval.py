@@ -406,6 +406,8 @@ if __name__ == "__main__":
     parser.add_argument("--crop_iou", action="store_true", help="measure the local CLIP-I crop against the toy "
                         "subjects' ground-truth boxes and exit")
     args = parser.parse_args()
+    import sample
+    sample.pick_threads(args.device)
     if args.crop_iou:
         found, central, n = crop_iou(ckpt.load_sd(ckpt.TOY_CKPT), Path(__file__).parent / "assets/toy/dreambooth")
         print(f"attention box IoU {found:.3f} vs {central:.3f} for the central half-size box, {n} toy references")

@@ -31,6 +31,7 @@ from safetensors.torch import load_file
 import ckpt
 import eval as metrics
 import quant
+import sample
 import train
 import unet as unet_lib
 import world
@@ -253,6 +254,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    sample.pick_threads(args.device)
     t0, out = time.time(), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     toy_model = ckpt.load_sd(args.ckpt).unet.config == unet_lib.toy()

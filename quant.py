@@ -867,6 +867,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    sample.pick_threads(args.device)
     try:
         sd = ckpt.load_sd(args.ckpt, device=args.device)
         if any(isinstance(m, QuantLayer) for m in sd.unet.modules()):

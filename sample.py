@@ -40,6 +40,29 @@ EXPORT_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 COMPVIS_SUFFIXES = (".safetensors", ".ckpt")  # --export to one of these writes one file, to anything else a folder
 
 
+_THREADS_SAID = []
+
+
+def pick_threads(device="cpu"):
+    """torch's CPU thread count for a command, said in one line (once per process). OMP_NUM_THREADS wins if set;
+    otherwise one thread per core that other jobs leave free (cores minus the 1-minute load average, at least one):
+    torch's threads wait for each other at every operation, so a thread that shares its core with another job stalls
+    all of them (10-30x slower on a 2-core machine; README, Troubleshooting)."""
+    if device != "cpu":
+        return torch.get_num_threads()
+    cores = os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if "OMP_NUM_THREADS" in os.environ:
+        why = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"
+    else:
+        torch.set_num_threads(max(1, min(cores, round(cores - load))))
+        why = f"{cores} cores, load {load:.1f} from other jobs; set OMP_NUM_THREADS to choose"
+    if not _THREADS_SAID:
+        _THREADS_SAID.append(True)
+        print(f"threads: {torch.get_num_threads()} torch thread(s) ({why})", file=sys.stderr, flush=True)
+    return torch.get_num_threads()
+
+
 def progress(iterable, desc, total=None, unit="it", initial=0, inner=False):
     """A labelled progress bar (tqdm) on a terminal. Where stderr is not one (a log file, a pipe, a notebook under
     test) a bar would leave a carriage-return line per update, so instead: nothing for an `inner` loop (the DDIM steps
@@ -447,6 +470,7 @@ def check_export_args(parser, args):
 
 def main(argv=None):
     args = parse_args(argv)
+    pick_threads(args.device)
     dtype = getattr(torch, args.dtype)
     try:  # an export dequantizes in float32 and casts when it writes
         sd = ckpt.load_sd(args.ckpt, device=args.device, dtype=torch.float32 if args.export else dtype)

@@ -734,6 +734,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    sample.pick_threads(args.device)
     try:
         train(args)
     except (TrainingError, ckpt.CheckpointError) as e:

@@ -330,3 +330,21 @@ def test_progress_off_a_terminal_is_plain_lines(capsys):
     assert capsys.readouterr().err.splitlines()[-1].startswith("resumed: 8/8 it (100%)")
     list(sample.progress(range(50), "ddim steps", inner=True))
     assert capsys.readouterr().err == ""
+
+
+def test_pick_threads_leaves_busy_cores_alone(monkeypatch, capsys):
+    """One torch thread per core that other jobs leave free, said in one line; OMP_NUM_THREADS, if set, wins."""
+    before = torch.get_num_threads()
+    monkeypatch.setattr(sample, "_THREADS_SAID", [])
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(sample.os, "cpu_count", lambda: 2)
+    try:
+        for load, want in ((1.9, 1), (1.0, 1), (0.1, 2), (7.5, 1)):
+            monkeypatch.setattr(sample.os, "getloadavg", lambda: (load, load, load))
+            assert sample.pick_threads() == want
+        assert capsys.readouterr().err.count("threads:") == 1          # said once per process
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(2)
+        assert sample.pick_threads() == 2                              # the user's setting is not second-guessed
+    finally:
+        torch.set_num_threads(before)
