@@ -52,14 +52,13 @@ def pick_threads(device="cpu"):
         return torch.get_num_threads()
     cores = os.cpu_count() or 1
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    if "OMP_NUM_THREADS" in os.environ:
-        why = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"
-    else:
-        torch.set_num_threads(max(1, min(cores, round(cores - load))))
-        why = f"{cores} cores, load {load:.1f} from other jobs; set OMP_NUM_THREADS to choose"
+    if "OMP_NUM_THREADS" in os.environ:                # the user's choice, not second-guessed or announced
+        return torch.get_num_threads()
+    torch.set_num_threads(max(1, min(cores, round(cores - load))))
     if not _THREADS_SAID:
         _THREADS_SAID.append(True)
-        print(f"threads: {torch.get_num_threads()} torch thread(s) ({why})", file=sys.stderr, flush=True)
+        print(f"threads: {torch.get_num_threads()} torch thread(s) ({cores} cores, load {load:.1f} from other jobs; "
+              "set OMP_NUM_THREADS to choose)", file=sys.stderr, flush=True)
     return torch.get_num_threads()
 
 
@@ -426,6 +425,15 @@ def parse_args(argv=None):
     return args
 
 
+def viewable_copy(out):
+    """Where a small sample (under 256 px a side, as the toy model's 64 px) also goes, enlarged with nearest-neighbour
+    pixels so that it opens at a readable size: out_big.png beside out. None for large images."""
+    out = Path(out)
+    with Image.open(out) as im:
+        small = min(im.size) < 256
+    return out.with_name(out.stem + "_big.png") if small else None
+
+
 def written_by_us(path):
     """Whether `path` is an image that sample.py wrote (it marks its PNGs), which a new sample may replace."""
     try:
@@ -501,8 +509,15 @@ def main(argv=None):
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     mark = PngImagePlugin.PngInfo()
     mark.add_text("qdp", "sample.py")
-    image_grid(images).save(args.out, **({"pnginfo": mark} if Path(args.out).suffix.lower() == ".png" else {}))
-    print(f"wrote {len(images)} image(s) to {args.out}")
+    grid = image_grid(images)
+    grid.save(args.out, **({"pnginfo": mark} if Path(args.out).suffix.lower() == ".png" else {}))
+    note = ""
+    big = viewable_copy(args.out)
+    if big is not None and (not big.exists() or written_by_us(big)):   # a toy image opens as a thumbnail otherwise
+        zoom = -(-256 // min(grid.size))
+        grid.resize((grid.width * zoom, grid.height * zoom), Image.Resampling.NEAREST).save(big, pnginfo=mark)
+        note = f"; {zoom}x for viewing: {big}"
+    print(f"wrote {len(images)} image(s) of {images[0].width}x{images[0].height} px to {args.out}{note}")
 
 
 if __name__ == "__main__":

@@ -212,6 +212,9 @@ def test_cli_smoke(tiny_pipe, tmp_path):
                  "--num_inference_steps", "2", "--scheduler", "plms", "--num_images_per_prompt", "2",
                  "--device", "cpu", "--out", str(out)])
     assert Image.open(out).size == (128, 64)
+    big = Image.open(out.with_name("cat_big.png"))                 # a small sample also gets a viewable copy
+    assert big.size == (512, 256) and big.resize((128, 64), Image.Resampling.NEAREST).tobytes() == \
+        Image.open(out).convert("RGB").tobytes()
 
 
 # --------------------------------------------------------------------------------------------------------------------
