@@ -142,9 +142,9 @@ def scratch(numel, device, dtype):
 class WeightQuantizer(nn.Module):
     """Integer weights w = scale * (w_int - zero_point) * in_scale for a float weight of `shape`. scale and zero_point
     per output channel, asymmetric: codes in [0, 2^b - 1], flattened per output channel and packed (uint8, two a byte
-    for b <= 4). in_scale, per input channel ((1, in) or (1, in, 1, 1): TuneQDM's multi-channel scales), exists only
-    after add_in_scales. During AdaRound `alpha` and `w_floor` exist and weight() is the soft weight; harden() rounds,
-    freezes the codes and deletes them."""
+    for b <= 4). in_scale, per input channel ((1, in) or (1, in, 1, 1): TuneQDM's multi-channel scales), is None until
+    add_in_scales. alpha (AdaRound's rounding variables) and w_floor are None but during AdaRound, when weight() is the
+    soft weight; harden() rounds, freezes the codes and sets them back to None."""
 
     def __init__(self, shape, n_bits, device=None):
         super().__init__()
@@ -154,6 +154,8 @@ class WeightQuantizer(nn.Module):
         self.register_buffer("zero_point", torch.zeros(shape[0], 1, device=device))
         self.scale = nn.Parameter(torch.ones(shape[0], 1, device=device))
         self.register_parameter("in_scale", None)
+        self.register_parameter("alpha", None)
+        self.register_buffer("w_floor", None, persistent=False)
 
     def codes(self):
         return unpack(self.w_int, self.n_bits, self.k)
@@ -163,7 +165,7 @@ class WeightQuantizer(nn.Module):
 
     def weight(self):
         """The float weight, differentiable in scale, in_scale and (during AdaRound) alpha."""
-        if hasattr(self, "alpha"):
+        if self.alpha is not None:
             q = torch.clamp(self.w_floor + self.soft_rounding() + self.zero_point, 0, self.qmax)
         else:
             q = self.codes().to(self.scale.dtype)
@@ -185,14 +187,14 @@ class WeightQuantizer(nn.Module):
     @torch.no_grad()
     def start_adaround(self, w):
         v = w.detach().flatten(1).to(self.scale) / self.scale
-        self.register_buffer("w_floor", v.floor(), persistent=False)
+        self.w_floor = v.floor()
         frac = v - self.w_floor                                   # h(alpha) = frac: the soft weight is w itself
         self.alpha = nn.Parameter(-torch.log((ZETA - GAMMA) / (frac - GAMMA) - 1))
 
     @torch.no_grad()
     def harden(self):
         self.set_codes(self.w_floor + (self.alpha >= 0).to(self.w_floor))
-        del self.alpha, self.w_floor
+        self.alpha = self.w_floor = None
 
 
 class ActQuantizer(nn.Module):
@@ -325,7 +327,7 @@ class QuantLayer(nn.Module):
 
     def forward(self, x):
         x, qs = self.quantize_input(x), self.weight_quantizers()
-        if hasattr(qs[0], "alpha"):                                  # AdaRound: autograd reaches alpha via weight()
+        if qs[0].alpha is not None:                                  # AdaRound: autograd reaches alpha via weight()
             return op(x, torch.cat([q.weight() for q in qs], dim=1).to(x.dtype), self.bias, self.conv)
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
             outs = [QuantWeightFn.apply(xp, q.w_int, q.scale, q.zero_point, q.in_scale, self.bias if i == 0 else None,
