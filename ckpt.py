@@ -419,7 +419,7 @@ def atomic_save(tensors, path, metadata=None):
 
 
 @torch.no_grad()
-def dequantize(unet):
+def plain_unet(unet):
     """A plain UNet (unet.py's Conv2d and Linear) holding a quantized UNet's dequantized weights, scale * (w_int -
     zero_point), the parts of a split layer concatenated back along the input dimension, and its other tensors as
     they are. It computes what `unet` computes with activation quantization off, and saves as any SD v1 UNet does.

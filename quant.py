@@ -580,7 +580,7 @@ def rounding_loss(quantizers, i, iters, weight=0.01, b_range=(20, 2), warmup=0.2
     return weight * sum((1 - (2 * q.soft_rounding() - 1).abs().pow(beta)).sum() for q in quantizers)
 
 
-def fit(unit, inputs, target, params, iters, batch_size, lr, regularizer=None, cosine=False, seed=0):
+def reconstruct_unit(unit, inputs, target, params, iters, batch_size, lr, regularizer=None, cosine=False, seed=0):
     """Adam on `params` (or param groups) bringing unit(*inputs) to target on random minibatches; the last loss."""
     device = next(unit.parameters()).device
     opt = torch.optim.Adam(params, lr=lr)
@@ -634,7 +634,8 @@ def reconstruct(qunet, fp_unet, calib, iters=20000, act_iters=5000, batch_size=3
                         for q, w in zip(layer.weight_quantizers(), fp):
                             q.start_adaround(w)
                 reg = lambda i: rounding_loss(qs, i, iters, weight, b_range, warmup)
-                log.append(fit(unit, x, y, [q.alpha for q in qs], iters, batch_size, lr, reg, seed=seed + j))
+                log.append(reconstruct_unit(unit, x, y, [q.alpha for q in qs], iters, batch_size, lr, reg,
+                                            seed=seed + j))
                 for q in qs:
                     q.harden()
             if acts:
@@ -642,7 +643,8 @@ def reconstruct(qunet, fp_unet, calib, iters=20000, act_iters=5000, batch_size=3
                 # relative rates: steps span ~1e-5 (16-bit probabilities) to ~1e-1, no absolute rate suits them all
                 groups = [{"params": [m.scale.requires_grad_(True)], "lr": act_lr * m.scale.item()} for m in acts]
                 if act_iters:
-                    log.append(fit(unit, x, y, groups, act_iters, batch_size, act_lr, cosine=True, seed=seed + j))
+                    log.append(reconstruct_unit(unit, x, y, groups, act_iters, batch_size, act_lr, cosine=True,
+                                                seed=seed + j))
                 for m in acts:
                     m.scale.requires_grad_(False)
             bar.set_postfix_str(f"{name} loss " + " / ".join(f"{v:.3g}" for v in log))

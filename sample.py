@@ -319,13 +319,13 @@ def remove(path):
 
 
 def export(sd, path, export_format="compvis", dtype=torch.float16):
-    """Write `sd` as a plain SD v1 checkpoint, its UNet dequantized (ckpt.dequantize): one CompVis .safetensors or
+    """Write `sd` as a plain SD v1 checkpoint, its UNet dequantized (ckpt.plain_unet): one CompVis .safetensors or
     .ckpt file, or a diffusers folder. Activation quantization does not survive: the file computes what the quantized
     model computes with float activations. Atomic: a file or folder is written under a temporary name and renamed
     over `path`, so a crash leaves the previous export (or none), never half of one."""
     if not isinstance(sd.unet, unet_lib.UNet):
         raise ValueError("a merged model holds one UNet; put one S2 expert in place first (ExpertUNet.use(k))")
-    plain = ckpt.StableDiffusion(ckpt.dequantize(sd.unet), sd.vae, sd.text_encoder, sd.tokenizer)
+    plain = ckpt.StableDiffusion(ckpt.plain_unet(sd.unet), sd.vae, sd.text_encoder, sd.tokenizer)
     path = Path(path)
     if export_format == "compvis":
         ckpt.save_compvis(plain, path, dtype)
