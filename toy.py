@@ -58,6 +58,7 @@ class Plan:
     clip_lr: float = 2e-3
     class_only: float = 0.3                        # share of CLIP captions that name only the class
     class_contrast: float = 1.0                    # weight of the image-vs-8-class-prompts loss of both CLIPs
+    named_share: float = world.NAMED_SHARE         # share of training scenes that are named individuals
     unet_steps: int = 6000
     unet_batch: int = 32
     unet_lr: float = 1e-3
@@ -103,10 +104,10 @@ def as_uint8(images):
 class Data:
     """`n` training scenes of the world as uint8 images (n,3,64,64), and their scenes for captioning."""
 
-    def __init__(self, n, seed):
+    def __init__(self, n, seed, named_share=0.0):
         rng = random.Random(seed)
         self.seed = seed
-        self.scenes = [world.sample_scene(rng, split="train") for _ in range(n)]
+        self.scenes = [world.sample_scene(rng, "train", named_share) for _ in range(n)]
         self.images = as_uint8(world.render(s, seed=seed * 1_000_003 + i)[0]
                                for i, s in enumerate(sample.progress(self.scenes, "render scenes", unit="scenes")))
         rng = random.Random(seed + 77)                  # each scene's object again, on another background
@@ -234,6 +235,10 @@ def train_clip(data, plan, out, name="clip", seed_offset=2, vision_width=64, vis
     tokenizer = ckpt.load_tokenizer()
     steps = plan.clip_steps if name == "clip" else plan.eval_clip_steps
     class_ids = tokenizer(CLASS_PROMPTS, padding="longest", return_tensors="pt").input_ids
+    # the names of world.NAMES keep their random initial embeddings, as every word outside the world does ("sks"
+    # included): the text tower learns to carry an arbitrary word's identity, not 48 learned vectors
+    names = torch.tensor([tokenizer(n).input_ids[1] for n in world.NAMES])
+    model.text_model.embeddings.token_embedding.weight.register_hook(lambda g: g.index_fill(0, names, 0.0))
 
     def loss_fn(step):
         idx, x, captions = data.batch(step, plan.clip_batch, plan.seed + seed_offset)
@@ -594,7 +599,7 @@ def pretrain(plan, out, stages=STAGES, export_to=ASSETS):
     out.mkdir(parents=True, exist_ok=True)
     (out / "plan.json").write_text(json.dumps(asdict(plan), indent=2))
     seconds, t0 = {}, time.time()
-    data = Data(plan.n_images, plan.seed)
+    data = Data(plan.n_images, plan.seed, plan.named_share)
     seconds["render"] = time.time() - t0
     parts = {}                                          # what each stage makes ("clip": its text tower), or shipped
     if set(SD_STAGES) - set(stages):
@@ -657,6 +662,7 @@ if __name__ == "__main__":
         parser.error("--personalized needs {subject} in the path: one train.py output per subject")
     if args.scale <= 0:
         parser.error("--scale must be positive")
+    sample.pick_threads()
     if args.report:
         import eval as metrics
         result = report(ckpt.load_sd(SD_FILE), metrics.load_evaluators(), grid_path=args.grid,

@@ -81,11 +81,12 @@ def is_live(cls):
 @dataclass(frozen=True)
 class Scene:
     cls: str
-    color: str
+    color: str | None  # None for a named individual, whose look its name fixes
     pattern: str
     context: str
     prop: str | None = None  # one of PROPERTIES
     accessory: str | None = None  # one of ACCESSORIES, live classes only
+    name: str | None = None  # one of NAMES: a named individual ("a photo of meng dog")
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,7 @@ class Look:
 
 
 def scene_look(scene):
-    return Look(COLORS[scene.color], COLORS[scene.color], scene.pattern)
+    return INDIVIDUALS[scene.name].look if scene.name else Look(COLORS[scene.color], COLORS[scene.color], scene.pattern)
 
 
 def is_heldout(cls, color, context):
@@ -114,8 +115,13 @@ HELDOUT_TRIPLES = [t for t in TRIPLES if is_heldout(*t)]
 TRAIN_TRIPLES = [t for t in TRIPLES if not is_heldout(*t)]
 
 
-def sample_scene(rng, split="train"):
-    """A random scene whose (class, color, context) lies in `split`; rng is a random.Random."""
+def sample_scene(rng, split="train", named_share=0.0):
+    """A random scene whose (class, color, context) lies in `split`, or, for `named_share` of the training scenes
+    (toy.py pretrains with NAMED_SHARE), a named individual in a random context; rng is a random.Random."""
+    if split == "train" and named_share and rng.random() < named_share:
+        who = INDIVIDUALS[rng.choice(NAMES)]
+        accessory = rng.choice(ACCESSORIES) if is_live(who.cls) and rng.random() < 0.3 else None
+        return Scene(who.cls, None, "plain", rng.choice(CONTEXTS), None, accessory, who.name)
     cls, color, context = rng.choice(TRAIN_TRIPLES if split == "train" else HELDOUT_TRIPLES)
     pattern = rng.choice(PATTERNS[1:]) if rng.random() < 0.6 else "plain"
     prop = rng.choice(PROPERTIES) if rng.random() < 0.2 else None
@@ -129,12 +135,16 @@ def caption(scene, rng=None):
     keep = (lambda p: True) if rng is None else (lambda p: rng.random() < p)
     words = [w for w, p in ((scene.prop, 0.85), (scene.color, 0.8), (scene.pattern, 0.7))
              if w and w != "plain" and keep(p)] + [scene.cls]
-    text = ("an " if words[0][0] in "aeiou" else "a ") + " ".join(words)
+    if scene.name:                         # where DreamBooth's prompts put the identifier: "a meng dog in the snow"
+        words = [scene.name, scene.cls]
+    text = ("an " if words[0][0] in "aeiou" and not scene.name else "a ") + " ".join(words)
     if scene.accessory and keep(0.85):
         text += " " + ACCESSORY_PHRASES[scene.accessory]
     if scene.context != "studio" and keep(0.75):
         text += " " + CONTEXT_PHRASES[scene.context]
-    return "a photo of " + text if rng is not None and rng.random() < 0.5 else text
+    if rng is None or rng.random() >= 0.5:
+        return text
+    return "a photo of " + (text[2:] if scene.name else text)    # "a photo of meng dog", as "a photo of sks dog"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -249,6 +259,44 @@ SUBJECTS = {s.name: s for s in (
     _subject("cat_patch", ORANGE, CREAM, "patch", INK, BLUE,
              "orange top, cream bottom, a black eye patch, a blue collar"),
 )}
+# named individuals: web captions name particular dogs, mugs and people, and a real text encoder carries any such
+# name through to the image; DreamBooth's rare identifier ("sks") relies on that. Without them the toy text encoder
+# learns to ignore every word outside the world's vocabulary, and "a photo of sks dog" encodes as "a photo of a dog"
+# (cosine 0.995), so the prior-preservation loss cancels the subject loss. So NAMED_SHARE of the training scenes are
+# one of 48 individuals, six per class, each called by a rare word of the CLIP vocabulary and drawn in a look of its
+# own (two-tone with an emblem, as the subjects, but never one of theirs). toy.py keeps these words' embeddings at
+# their random initialization, as "sks" is, so the text encoder learns to read a name it has no meaning for.
+NAMES = ("woop", "rizio", "eron", "towie", "pano", "orin", "maddy", "wadi", "lizzy", "feng", "ongo", "chery",
+         "bayan", "musa", "mery", "korn", "elian", "toral", "kona", "veit", "rolf", "miko", "kawa", "boba",
+         "kala", "arra", "robby", "argos", "cowan", "breen", "shai", "maja", "karo", "hadi", "sabi", "rosen",
+         "maar", "igor", "simba", "zada", "anak", "hoek", "jaye", "fonda", "chara", "arca", "jace", "griff")
+NAMED_SHARE = 0.15
+
+
+def _individuals(seed=2024):
+    """{name: Subject}: NAMES in turn take the 8 classes; each look is drawn from the subjects' palette, and a
+    look (class, body colors, emblem) that one of the 30 SUBJECTS has is drawn again."""
+    rng = random.Random(seed)
+    palette = [NAVY, CREAM, TEAL, CHARCOAL, MINT, TAN, GREY, GOLD, RED, BLUE, GREEN, YELLOW, ORANGE, PINK, PURPLE,
+               BROWN, CYAN, WHITE, INK]
+    taken = {(s.cls, s.look.top, s.look.bottom, s.look.marking) for s in SUBJECTS.values()}
+    out = {}
+    for i, name in enumerate(NAMES):
+        cls = CLASSES[i % len(CLASSES)]
+        marks = [m for m in MARKINGS if (is_live(cls) or m not in ("patch", "socks"))   # eyes and paws: live only
+                 and (cls == "clock" or m != "moon")]                                   # the moon needs a face
+        while True:
+            top, bottom, mark_color = rng.sample(palette, 3)
+            look = Look(top, bottom, marking=rng.choice(marks), mark_color=mark_color,
+                        collar=rng.choice(palette) if is_live(cls) and rng.random() < 0.5 else None)
+            if (cls, top, bottom, look.marking) not in taken:
+                break
+        taken.add((cls, top, bottom, look.marking))
+        out[name] = Subject(name, cls, look, "")
+    return out
+
+
+INDIVIDUALS = _individuals()
 REFERENCE_CONTEXTS = ("studio", "wooden_floor", "white_rug", "studio", "pink_fabric", "cobblestone")
 
 
@@ -347,7 +395,7 @@ def grid(cells, cols=8, zoom=2):
 
 def grid_cells(what, seed=0, n=48):
     """(image, label) pairs for a contact sheet of `what`: random train or held-out scenes, every context, every class
-    in every color, every accessory and property, or two reference pictures of each subject."""
+    in every color, every accessory and property, every named individual, or two reference pictures of each subject."""
     rng = random.Random(seed)
     if what in ("train", "heldout"):
         scenes = [sample_scene(rng, what) for _ in range(n)]
@@ -362,6 +410,9 @@ def grid_cells(what, seed=0, n=48):
         looks = [(None, a) for a in ACCESSORIES] + [(p, None) for p in PROPERTIES]
         return [(render(Scene(k, rng.choice(list(COLORS)), "plain", "studio", *x), seed + i)[0], x[0] or x[1])
                 for k in LIVE_CLASSES for i, x in enumerate(looks)]
+    if what == "named":                          # every named individual, as pretraining captions it
+        scenes = [Scene(w.cls, None, "plain", rng.choice(CONTEXTS), name=w.name) for w in INDIVIDUALS.values()]
+        return [(render(s, seed + i)[0], caption(s)) for i, s in enumerate(scenes)]
     if what == "subjects":                       # the first two references of every subject
         return [(render_subject(s, context, seed)[0], f"{s} {context}")
                 for s in SUBJECTS for context, seed in references(s)[:2]]
@@ -373,7 +424,7 @@ if __name__ == "__main__":
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--grid", type=str, default=None, help="write a labelled contact sheet to this PNG")
     parser.add_argument("--what", type=str, default="train",
-                        choices=("train", "heldout", "contexts", "classes", "live", "subjects"),
+                        choices=("train", "heldout", "contexts", "classes", "live", "named", "subjects"),
                         help="what the grid shows")
     parser.add_argument("--seed", type=int, default=0, help="seed of the grid's scenes")
     parser.add_argument("--write_dreambooth", type=str, default=None, help="write the toy subjects to this folder")

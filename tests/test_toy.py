@@ -9,6 +9,7 @@ import ckpt
 import toy
 import unet as unet_lib
 import vae as vae_lib
+import world
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +182,23 @@ def test_stages_retrains_only_what_it_names(tmp_path):
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="unknown stages"):
         toy.pretrain(plan, tmp_path / "run", ["vae", "gan"])
+
+
+def test_names_keep_their_initial_embeddings(data, tmp_path):
+    """The conditioning CLIP trains every token it sees but world.NAMES, whose embeddings stay at initialization, as
+    an identifier such as "sks" does: the text tower must learn to carry a word it has no meaning for."""
+    torch.manual_seed(2)
+    plan = replace(toy.Plan(), clip_steps=3, clip_batch=8)
+    named = toy.Data(64, seed=0, named_share=0.5)
+    before = toy.CLIPModel(toy.clip_config()).text_model.embeddings.token_embedding.weight.detach().clone()
+    clip = toy.train_clip(named, plan, tmp_path)
+    after = clip.text_model.embeddings.token_embedding.weight.detach()
+    tok = ckpt.load_tokenizer()
+    names = [tok(n).input_ids[1] for n in world.NAMES]
+    seen = tok("a photo of a dog").input_ids[1:-1]
+    decay = (1 - plan.clip_lr * 0.01) ** plan.clip_steps                      # AdamW's decoupled weight decay only
+    torch.testing.assert_close(after[names], before[names] * decay, rtol=1e-3, atol=1e-6)
+    assert not torch.allclose(after[seen], before[seen] * decay, rtol=1e-3, atol=1e-6)
 
 
 def test_twins_show_the_same_object_elsewhere(data):

@@ -170,6 +170,33 @@ def test_subjects_never_appear_in_pretraining():
         assert s.look not in looks
 
 
+def test_named_individuals(tmp_path):
+    """48 names, each one token of SD's tokenizer and none the identifier DreamBooth uses; each individual is two-tone
+    with an emblem its class can carry and unlike every subject (class, body colors and emblem); named scenes come
+    at the share asked for, only in training, and caption the name where DreamBooth's prompts put "sks"."""
+    import ckpt
+    tok = ckpt.load_tokenizer()
+    assert len(set(world.NAMES)) == 48 and "sks" not in world.NAMES
+    assert all(len(tok(n).input_ids) == 3 for n in world.NAMES)                   # bos, the name, eos
+    subjects = {(s.cls, s.look.top, s.look.bottom, s.look.marking) for s in world.SUBJECTS.values()}
+    for who in world.INDIVIDUALS.values():
+        look = who.look
+        assert look.top != look.bottom and look.marking in world.MARKINGS
+        assert (who.cls, look.top, look.bottom, look.marking) not in subjects
+        assert world.is_live(who.cls) or look.marking not in ("patch", "socks")
+    rng = random.Random(0)
+    scenes = [world.sample_scene(rng, "train", 0.15) for _ in range(4000)]
+    named = [sc for sc in scenes if sc.name]
+    assert 0.12 < len(named) / len(scenes) < 0.18
+    assert not any(world.sample_scene(rng, "heldout", 0.15).name for _ in range(500))
+    assert not any(world.sample_scene(rng, "train").name for _ in range(500))      # off unless asked for
+    captions = [world.caption(sc, random.Random(i)) for i, sc in enumerate(named[:200])]
+    for sc, c in zip(named, captions):
+        assert c.startswith((f"a {sc.name} {sc.cls}", f"a photo of {sc.name} {sc.cls}"))
+    img, _ = world.render(named[0], 3)
+    assert img.size == (64, 64)
+
+
 def test_write_dreambooth_and_read_it_back(tmp_path):
     """write_dreambooth writes DreamBooth's layout (subject/00.jpg..., 4 to 6 references, prompts_and_classes.txt)
     and a box per reference; read_prompts_and_classes reads back the subjects and 25 + 25 templates."""
