@@ -25,7 +25,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -643,6 +643,9 @@ if __name__ == "__main__":
                         "--report's report.json and report.md)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every stage's step count (smoke runs)")
     parser.add_argument("--no_export", action="store_true", help="do not overwrite the shipped models in assets/toy")
+    parser.add_argument("--export_to", default=str(ASSETS), help="where the trained files go (not with --no_export)")
+    parser.add_argument("--set", default="", help="override fields of the plan, e.g. unet_steps=1500,named_share=0 "
+                        "(a reduced-scale experiment)")
     parser.add_argument("--stages", default=",".join(STAGES),
                         help="comma-separated subset of the stages to train; the others are taken from the shipped "
                         "files")
@@ -676,4 +679,12 @@ if __name__ == "__main__":
         stages = [x for x in args.stages.split(",") if x]
         if not stages or any(x not in STAGES for x in stages):
             parser.error(f"--stages takes a comma-separated list of {', '.join(STAGES)}")
-        pretrain(Plan().scaled(args.scale), Path(args.out), stages, None if args.no_export else ASSETS)
+        plan = Plan().scaled(args.scale)
+        types = {f.name: f.type for f in fields(Plan)}
+        try:
+            overrides = dict(kv.split("=", 1) for kv in args.set.split(",") if kv)
+            read = {int: int, float: float, bool: lambda v: v.lower() in ("1", "true")}
+            plan = replace(plan, **{k: read[types[k]](v) for k, v in overrides.items()})
+        except (KeyError, ValueError) as e:
+            parser.error(f"--set takes FIELD=VALUE pairs of {', '.join(types)}: {e}")
+        pretrain(plan, Path(args.out), stages, None if args.no_export else Path(args.export_to))

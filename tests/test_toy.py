@@ -210,3 +210,14 @@ def test_twins_show_the_same_object_elsewhere(data):
         assert twin.context != scene.context and replace(twin, context=scene.context) == scene
     assert data.twins() is twins                              # rendered once
 
+
+
+def test_set_rejects_unknown_plan_fields():
+    """`toy.py --set` overrides plan fields for reduced-scale experiments; a field that does not exist or a value of
+    the wrong type is one line, before any work."""
+    import subprocess
+    import sys
+    for bad in ("foo=1", "unet_steps=many"):
+        r = subprocess.run([sys.executable, "toy.py", "--set", bad, "--no_export"], cwd=toy.ASSETS.parents[1],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and "--set takes FIELD=VALUE pairs of" in r.stderr.splitlines()[-1]
