@@ -21,7 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers import CLIPModel, CLIPTokenizer, ViTModel
+from safetensors import safe_open
+from transformers import CLIPConfig, CLIPModel, CLIPTokenizer, ViTConfig, ViTModel
 
 import ckpt
 
@@ -38,13 +39,28 @@ class Evaluators:
     dino_pre: tuple = (224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
+TOY_EVALUATORS = Path(__file__).resolve().parent / "assets" / "toy" / "toy_eval.safetensors"   # made by toy.py
+
+
+def read_toy_evaluators(path=TOY_EVALUATORS):
+    """(CLIPModel, ViTModel) of the toy world, float32, eval mode, from the file toy.py writes: the tensors under
+    "clip." and "dino.", and the transformers configs in its metadata."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k).float() for k in f.keys()}
+    clip = CLIPModel(CLIPConfig(**json.loads(meta["clip_config"])))
+    dino = ViTModel(ViTConfig(**json.loads(meta["dino_config"])), add_pooling_layer=False)
+    clip.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("clip.")})
+    dino.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("dino.") and ".pooler." not in k})
+    return clip.eval(), dino.eval()
+
+
 def load_evaluators(clip=None, dino=None):
     """Real evaluators from local folders (a transformers CLIPModel and ViTModel, with their preprocessor
     configs), or the toy world's when none is given."""
     if clip is None and dino is None:
-        import toy
-        toy_clip, toy_dino = toy.load_evaluators()
-        half = (toy.SIZE, (0.5,) * 3, (0.5,) * 3)  # the toy encoders see pixels in [-1, 1]
+        toy_clip, toy_dino = read_toy_evaluators()
+        half = (toy_clip.config.vision_config.image_size, (0.5,) * 3, (0.5,) * 3)  # they see pixels in [-1, 1]
         return Evaluators(toy_clip, toy_dino, ckpt.load_tokenizer(), half, half)
     if clip is None or dino is None:
         raise ValueError("give both --clip and --dino folders, or neither for the toy evaluators")

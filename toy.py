@@ -35,6 +35,7 @@ from tqdm import tqdm
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, ViTConfig, ViTModel
 
 import ckpt
+import eval as metrics
 import sample
 import unet as unet_lib
 import vae as vae_lib
@@ -357,19 +358,6 @@ def export_evaluators(eval_clip, dino, folder=ASSETS, meta=None):
     ckpt.atomic_save(half(tensors), Path(folder) / EVAL_FILE.name, meta)
 
 
-def load_evaluators(path=EVAL_FILE):
-    """(CLIPModel, ViTModel) of the toy world, in float32 and eval mode."""
-    from safetensors import safe_open
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k).float() for k in f.keys()}
-    clip = CLIPModel(CLIPConfig(**json.loads(meta["clip_config"])))
-    dino = ViTModel(ViTConfig(**json.loads(meta["dino_config"])), add_pooling_layer=False)
-    clip.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("clip.")})
-    dino.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("dino.") and ".pooler." not in k})
-    return clip.eval(), dino.eval()
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # what the pretrained world knows
 
@@ -393,7 +381,6 @@ def heldout_scenes(n=64, seed=0):
 def attribute_accuracy(ev, images, scenes):
     """Zero-shot accuracy of the evaluation CLIP on class, color and context of images showing `scenes`. The
     candidate prompts depend only on the class, so their text embeddings are computed once per class."""
-    import eval as metrics
     img = metrics.clip_image_embeds(ev, images)
     truth = {"class": [world.CLASSES.index(s.cls) for s in scenes],
              "color": [list(world.COLORS).index(s.color) for s in scenes],
@@ -418,7 +405,6 @@ def generate_heldout(sd_model, prompts, steps=50, guidance_scale=7.5, seed=0):
 @torch.no_grad()
 def reconstruct(sd_model, images):
     """Each image through the VAE and back (the posterior mean, no sampling), as PIL images."""
-    import eval as metrics
     x = metrics.to_tensor(images) * 2 - 1
     return [im for i in range(0, len(x), 64)
             for im in sample.decode_images(sd_model, sd_model.vae.encode_latents(x[i:i + 64], sample=False))]
@@ -426,7 +412,6 @@ def reconstruct(sd_model, images):
 
 def psnr_mae(real, recon):
     """PSNR in dB over all pixels of a set of images, and their mean absolute error in 8-bit levels (0..255)."""
-    import eval as metrics
     a, b = metrics.to_tensor(real), metrics.to_tensor(recon)
     mse = (a - b).pow(2).mean().item()
     return (10 * math.log10(1 / mse) if mse > 0 else math.inf), 255 * (a - b).abs().mean().item()
@@ -466,7 +451,6 @@ def ceiling_chain(ev, scenes, real, recon, generated, refs, ref_labels, refs_rec
     with the evaluation CLIP; subject retrieval asks whether an image's nearest subject reference (DINO stand-in,
     CLIP-I) is of its own subject: leave-one-out among the references themselves, against the real references
     for reconstructions and samples. Returns {row: {metric: value}}; a metric a row does not measure is absent."""
-    import eval as metrics
     embed = {"dino": metrics.dino_embeds, "clip_i": metrics.clip_image_embeds}
     gallery = {k: f(ev, refs) for k, f in embed.items()}
     own = list(range(len(refs)))
@@ -517,7 +501,6 @@ def report(sd_model, ev, n=128, n_subject=8, steps=50, guidance_scale=7.5, seed=
     """The pretrained world's numbers: the ceiling chain (see `ceiling_chain`) on n held-out scenes (prompts whose
     class/color/context triple was never in pretraining), and how close "a photo of a <class>" samples come to
     each subject (subject fidelity) against the references' fidelity to each other."""
-    import eval as metrics
     scenes, prompts = heldout_scenes(n, seed)
     real = [world.render(s, seed=10_000 + i)[0] for i, s in enumerate(scenes)]
     recon = reconstruct(sd_model, real)
@@ -606,7 +589,7 @@ def pretrain(plan, out, stages=STAGES, export_to=ASSETS):
         shipped = ckpt.load_sd(SD_FILE)
         parts.update(vae=shipped.vae, clip=shipped.text_encoder, unet=shipped.unet)
     if set(EVAL_STAGES) - set(stages):
-        parts["eval_clip"], parts["dino"] = load_evaluators()
+        parts["eval_clip"], parts["dino"] = metrics.read_toy_evaluators(EVAL_FILE)
     trainers = {"vae": lambda: train_vae(data, plan, out),
                 "clip": lambda: text_tower(train_clip(data, plan, out)),
                 "unet": lambda: train_unet(data, parts["vae"], parts["clip"], plan, out),
@@ -667,7 +650,6 @@ if __name__ == "__main__":
         parser.error("--scale must be positive")
     sample.pick_threads()
     if args.report:
-        import eval as metrics
         result = report(ckpt.load_sd(SD_FILE), metrics.load_evaluators(), grid_path=args.grid,
                         personalized=args.personalized, base_path=args.personalized_base,
                         vae_grid_path=args.vae_grid)

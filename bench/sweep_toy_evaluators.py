@@ -25,7 +25,7 @@ clip = (toy.train_clip(data, plan, out, name="eval_clip", seed_offset=4, vision_
 t1 = time.time()
 dino = toy.train_dino(data, plan, out) if ds else None
 t2 = time.time()
-shipped_clip, shipped_dino = toy.load_evaluators()
+shipped_clip, shipped_dino = metrics.read_toy_evaluators()
 half = (toy.SIZE, (0.5,) * 3, (0.5,) * 3)
 ev = metrics.Evaluators(clip or shipped_clip, dino or shipped_dino, ckpt.load_tokenizer(), half, half)
 scenes, _ = toy.heldout_scenes(128, 0)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import ckpt
+import eval as metrics
 import toy
 import unet as unet_lib
 import vae as vae_lib
@@ -86,7 +87,7 @@ def test_shipped_toy_model_loads_through_the_normal_loader():
     assert sd.unet.config == unet_lib.toy()
     assert sd.vae.config.ch_mult == vae_lib.toy().ch_mult and sd.vae.config.norm_groups == vae_lib.toy().norm_groups
     assert sd.text_encoder.config.hidden_size == sd.unet.config.context_dim
-    clip, dino = toy.load_evaluators()
+    clip, dino = metrics.read_toy_evaluators()
     assert clip.config.vision_config.image_size == toy.SIZE and dino.config.image_size == toy.SIZE
 
 
@@ -127,7 +128,6 @@ def test_psnr_of_a_perfect_and_a_known_reconstruction():
 
 @pytest.fixture(scope="module")
 def evaluators():
-    import eval as metrics
     return metrics.load_evaluators()
 
 
@@ -171,8 +171,8 @@ def test_stages_retrains_only_what_it_names(tmp_path):
     with safe_open(str(tmp_path / "out" / toy.EVAL_FILE.name), framework="pt") as f:
         assert json.loads(f.metadata()["qdp.toy_plan"])["dino_steps"] == plan.dino_steps
         assert f.metadata()["qdp.toy_stages"] == "dino"
-    shipped_clip, shipped_dino = toy.load_evaluators()
-    new_clip, new_dino = toy.load_evaluators(tmp_path / "out" / toy.EVAL_FILE.name)
+    shipped_clip, shipped_dino = metrics.read_toy_evaluators()
+    new_clip, new_dino = metrics.read_toy_evaluators(tmp_path / "out" / toy.EVAL_FILE.name)
     for a, b in zip(shipped_clip.state_dict().values(), new_clip.state_dict().values()):
         assert torch.equal(a, b)
     assert any(not torch.equal(a, b) for a, b in zip(shipped_dino.state_dict().values(),
