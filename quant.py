@@ -330,6 +330,8 @@ class QuantLayer(nn.Module):
         if qs[0].alpha is not None:                                  # AdaRound: autograd reaches alpha via weight()
             return op(x, torch.cat([q.weight() for q in qs], dim=1).to(x.dtype), self.bias, self.conv)
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            if torch.is_autocast_enabled(x.device.type):   # mixed precision: x enters the Function in the autocast
+                x = x.to(torch.get_autocast_dtype(x.device.type))   # dtype, so its backward sees one dtype
             outs = [QuantWeightFn.apply(xp, q.w_int, q.scale, q.zero_point, q.in_scale, self.bias if i == 0 else None,
                                         q.n_bits, q.shape, self.conv)   # training: the lean Function, once per part
                     for i, (xp, q) in enumerate(zip(x.split(self.parts, dim=self.dim), qs))]

@@ -49,6 +49,7 @@ import unet as unet_lib
 OUT_FILE, STATE_FILE = "personalized.safetensors", "state.safetensors"
 # defaults of the paper's official scripts (SD v1.4, 512 px, batch 1); the toy model's own values were tuned here
 REAL_DEFAULTS = dict(learning_rate=3e-6, max_train_steps=400, full_learning_rate=5e-6)
+PRECISIONS = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOY_DEFAULTS = dict(learning_rate=2e-4, max_train_steps=200, full_learning_rate=5e-5)
 
 
@@ -318,8 +319,10 @@ def make_batch(data, g, batch_size, t_range, prior_loss_weight):
     return dict(x_t=x_t, t=t, ctx=ctx, noise=noise, weight=weight.to(dev), n_instance=batch_size)
 
 
-def train_step(model, batch):
-    """Forward and backward of one batch; returns the loss and the per-sample MSEs (detached).
+def train_step(model, batch, precision=None, scaler=None):
+    """Forward and backward of one batch; returns the loss and the per-sample MSEs (detached). `precision`
+    (torch.bfloat16 or torch.float16) runs the UNet's forward under autocast, the loss and the trained tensors staying
+    in float32; `scaler` (a GradScaler, for float16) scales the loss before backward.
 
     Under S2 the samples are grouped by the expert that owns their t, and each group runs its forward AND its
     backward with its expert's scales in place: gradient checkpointing recomputes blocks during backward, and must
@@ -334,21 +337,27 @@ def train_step(model, batch):
         unet = model if k is None else model.unet
         if k is not None:
             model.use(k)
-        eps = unet(batch["x_t"][idx], t[idx], batch["ctx"][idx])
+        with torch.autocast(t.device.type, dtype=precision or torch.float32, enabled=precision is not None):
+            eps = unet(batch["x_t"][idx], t[idx], batch["ctx"][idx])
         per_sample = F.mse_loss(eps.float(), batch["noise"][idx].float(), reduction="none").mean(dim=(1, 2, 3))
-        (batch["weight"][idx] * per_sample).sum().backward()
+        group_loss = (batch["weight"][idx] * per_sample).sum()
+        (group_loss if scaler is None else scaler.scale(group_loss)).backward()
         mse[idx.cpu()] = per_sample.detach().cpu()
     return (batch["weight"].cpu() * mse).sum(), mse
 
 
-def optimizer_step(model, params, optimizer, batch, max_grad_norm):
-    """One AdamW step on a batch, with gradient clipping; a non-finite loss leaves the parameters as they were.
-    Returns train_step's loss and per-sample MSEs."""
+def optimizer_step(model, params, optimizer, batch, max_grad_norm, precision=None, scaler=None):
+    """One AdamW step on a batch, with gradient clipping; a non-finite loss leaves the parameters as they were (and
+    under float16 the GradScaler skips steps whose gradients overflowed). Returns train_step's loss and MSEs."""
     optimizer.zero_grad(set_to_none=True)    # None, not zero: AdamW skips experts that got no gradient
-    loss, mse = train_step(model, batch)
+    loss, mse = (train_step(model, batch) if precision is None else train_step(model, batch, precision, scaler))
     if torch.isfinite(loss):
+        if scaler is not None:
+            scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_([p for p in params.values() if p.grad is not None], max_grad_norm)
-        optimizer.step()
+        optimizer.step() if scaler is None else scaler.step(optimizer)
+    if scaler is not None:
+        scaler.update()
     return loss, mse
 
 
@@ -488,7 +497,8 @@ def resolve_defaults(args, sd):
 def run_config(args):
     keys = ("method", "multi_channel", "n_experts", "bounds", "t_range", "instance_prompt", "class_prompt",
             "with_prior_preservation", "prior_loss_weight", "num_class_images", "resolution", "train_batch_size",
-            "learning_rate", "max_train_steps", "seed", "adam_weight_decay", "max_grad_norm", "ckpt", "base_sha256")
+            "learning_rate", "max_train_steps", "seed", "adam_weight_decay", "max_grad_norm", "ckpt", "base_sha256",
+            "mixed_precision")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -564,6 +574,8 @@ def run(args):
           + (f", {args.n_experts} experts over t bounds {args.bounds}" if args.n_experts > 1 else "")
           + f"; t drawn from {args.t_range[0]}..{args.t_range[1]}")
     optimizer = torch.optim.AdamW(params.values(), lr=args.learning_rate, weight_decay=args.adam_weight_decay)
+    precision = PRECISIONS[args.mixed_precision]
+    scaler = torch.amp.GradScaler(sd.device.type) if precision == torch.float16 else None
     rng = torch.Generator().manual_seed(args.seed)
     config, start, losses = run_config(args), 0, []
     if args.resume and state.is_file():
@@ -574,7 +586,7 @@ def run(args):
     t0 = time.time()
     for step in bar:
         batch = make_batch(data, rng, args.train_batch_size, args.t_range, args.prior_loss_weight)
-        loss, mse = optimizer_step(model, params, optimizer, batch, args.max_grad_norm)
+        loss, mse = optimizer_step(model, params, optimizer, batch, args.max_grad_norm, precision, scaler)
         if not torch.isfinite(loss):
             raise TrainingError(f"the loss is {loss.item()} at step {step + 1}; " + resume_advice(state))
         losses.append(loss.item())
@@ -645,6 +657,9 @@ def parse_args(argv=None):
                    f"{TOY_DEFAULTS['max_train_steps']} on the toy model")
     p.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW's decoupled weight decay")
     p.add_argument("--max_grad_norm", type=float, default=1.0, help="clip the gradient norm to this")
+    p.add_argument("--mixed_precision", choices=sorted(PRECISIONS), default="no", help="the UNet's forward in "
+                   "bf16 or fp16 autocast (fp16 with loss scaling), as diffusers' DreamBooth script; the trained "
+                   "tensors and AdamW stay float32. bf16 also runs on a CPU")
     p.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=True,
                    help="recompute each UNet block in backward, to save memory")
     p.add_argument("--seed", type=int, default=0, help="seeds class images, batches, timesteps and noise")
