@@ -25,6 +25,9 @@ from safetensors import safe_open
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer, ViTConfig, ViTModel
 
 import ckpt
+import sample
+import train
+import world
 
 METRIC_NAMES = {"clip_i": "CLIP-I", "local_clip_i": "local CLIP-I", "clip_t": "CLIP-T", "dino": "DINO"}
 
@@ -180,7 +183,6 @@ def attention_map(sd, image, prompt, word, timesteps=(300, 500, 700), seed=0):
     """Where the model looks for `word`: the image is encoded, noised to each of `timesteps`, denoised once with the
     prompt, and the cross-attention probabilities of the word's tokens are averaged over heads, layers (each map
     upsampled to the latent size) and timesteps. Returns (h, w) in latent pixels, summing to 1."""
-    import sample
     x = to_tensor([image]).to(next(sd.vae.parameters()).device) * 2 - 1
     z = sd.vae.encode_latents(x, sample=False)
     ctx = sample.encode_prompts(sd, [prompt])
@@ -240,7 +242,6 @@ def subject_crop(sd, image, prompt, word, margin=0.1):
 def crop_iou(sd, root, per_subject=None):
     """How well the attention box finds the object: mean IoU with the toy subjects' ground-truth boxes (boxes.json
     of the toy dataset) over their reference photos, and the same for the best fixed central box as the baseline."""
-    import world
     root = Path(root)
     boxes = json.loads((root / "boxes.json").read_text())
     classes, _, _ = world.read_prompts_and_classes(root / "prompts_and_classes.txt")
@@ -274,7 +275,6 @@ def dataset_subjects(root):
     root = root / "dataset" if (root / "dataset" / "prompts_and_classes.txt").is_file() else root
     if not (root / "prompts_and_classes.txt").is_file():
         raise SystemExit(f"error: no prompts_and_classes.txt in {root}; pass a DreamBooth-layout dataset folder")
-    import world
     classes, objects, live = world.read_prompts_and_classes(root / "prompts_and_classes.txt")
     if not classes or not (objects or live):
         raise SystemExit(f"error: {root / 'prompts_and_classes.txt'} lists no " + ("subjects" if not classes else
@@ -297,7 +297,6 @@ def evaluate_subject(sd, ev, references, cls, templates, token="sks", n_images=4
     local CLIP-I crops each image to where the model attends to the class word of its own prompt. With ev=None the
     images are only drawn (scores {}); with per_image, scores["per_image"] holds each image's CLIP-I and DINO (its
     mean over the references), whose means are the scores, for paired comparisons between models."""
-    import sample
     images, prompts, shown = [], [], []          # shown: what the model was given; prompts: what CLIP-T reads
     for i, tpl in enumerate(templates):
         images += sample.generate(sd, tpl.format(token, cls), seed=seed + i, num_images_per_prompt=n_images,
@@ -314,6 +313,17 @@ def evaluate_subject(sd, ev, references, cls, templates, token="sks", n_images=4
             "clip_i": (clip_image_embeds(ev, images) @ clip_image_embeds(ev, references).T).mean(1).tolist(),
             "dino": (dino_embeds(ev, images) @ dino_embeds(ev, references).T).mean(1).tolist()}
     return scores, images, prompts
+
+
+def score_model(base, scales, ev, references, cls, templates, token="sks", n_images=4, seed=0, device="cpu",
+                per_image=False, **sampling):
+    """The one path from files to scores that qdp.py, studies.py and `eval.py --dataset` share: load `base`, put
+    train.py's `scales` (PEQA, S2 experts or full weights; None: the base as it is) into it, then evaluate_subject.
+    Returns (scores, images, prompts)."""
+    sd = ckpt.load_sd(base, device=device)
+    if scales is not None:
+        train.load_personalized(sd, scales, base_path=base)
+    return evaluate_subject(sd, ev, references, cls, templates, token, n_images, seed, per_image, **sampling)
 
 
 def confidence_interval(values, level=0.95, n_boot=10_000, seed=0):
@@ -342,8 +352,6 @@ def markdown(results, summary):
 def run(args):
     """The protocol over this process's share of the subjects; under torchrun, shards are gathered on rank 0,
     which writes results.json, results.md and one image grid per subject."""
-    import train
-    import world
     rank, world_size = 0, 1
     if "RANK" in __import__("os").environ:
         import torch.distributed as dist
@@ -365,12 +373,10 @@ def run(args):
     out = Path(args.out)
     mine, results = subjects[rank::world_size], {}
     for name in mine:
-        sd = ckpt.load_sd(args.ckpt or ckpt.TOY_CKPT, device=args.device)
-        if args.scales:
-            train.load_personalized(sd, args.scales.format(subject=name), base_path=args.ckpt or ckpt.TOY_CKPT)
         templates = templates_for(classes[name], objects, live)[:args.n_prompts]
-        scores, images, prompts = evaluate_subject(
-            sd, ev, read_images(root / name), classes[name], templates, args.token, args.n_images, args.seed,
+        scores, images, prompts = score_model(
+            args.ckpt or ckpt.TOY_CKPT, args.scales.format(subject=name) if args.scales else None, ev,
+            read_images(root / name), classes[name], templates, args.token, args.n_images, args.seed, args.device,
             num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale)
         results[name] = scores
         (out / "grids").mkdir(parents=True, exist_ok=True)
@@ -422,7 +428,6 @@ if __name__ == "__main__":
     parser.add_argument("--crop_iou", action="store_true", help="measure the local CLIP-I crop against the toy "
                         "subjects' ground-truth boxes and exit")
     args = parser.parse_args()
-    import sample
     sample.pick_threads(args.device)
     if args.crop_iou:
         found, central, n = crop_iou(ckpt.load_sd(ckpt.TOY_CKPT), Path(__file__).parent / "assets/toy/dreambooth")
@@ -435,7 +440,6 @@ if __name__ == "__main__":
             parser.error("--n_images must be >= 1 and --n_prompts in 1..25")
         if not math.isfinite(args.guidance_scale):
             parser.error(f"--guidance_scale must be a finite number, e.g. 7.5, got {args.guidance_scale}")
-        import train  # for its TrainingError; train does not import eval
         try:
             run(args)
         except (ckpt.CheckpointError, train.TrainingError) as e:

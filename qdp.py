@@ -111,12 +111,10 @@ def sample_and_score(args, base, runs, refs, cls, templates):
     t0 = time.time()
     begin(3, "sample and evaluate", f"{1 + len(runs)} models x {len(templates)} prompts x {args.n_images} images")
     for name, scales in [("untrained", None), *runs.items()]:
-        sd = ckpt.load_sd(base, device=args.device)
-        if scales is not None:
-            train.load_personalized(sd, scales, base_path=base)
-        sampling = dict(num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale)
-        scores, images, prompts = metrics.evaluate_subject(sd, ev, refs, cls, templates, args.token, args.n_images,
-                                                           args.seed, per_image=True, **sampling)
+        scores, images, prompts = metrics.score_model(base, scales, ev, refs, cls, templates, args.token, args.n_images,
+                                                      args.seed, args.device, per_image=True,
+                                                      num_inference_steps=args.num_inference_steps,
+                                                      guidance_scale=args.guidance_scale)
         if scales is not None:
             scores.update(trainable=sum(v.numel() for v in load_file(scales).values()),
                           file_mib=scales.stat().st_size / 2**20)

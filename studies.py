@@ -98,15 +98,15 @@ def quiet(log):
 _EV = None
 
 
-def score(sd, subject, cls, settings):
-    """eval.py's protocol scores of one subject: every third template, `n_images` each."""
+def score(base, scales, subject, cls, settings):
+    """eval.py's protocol scores of one subject (eval.score_model): every third template, `n_images` each."""
     global _EV
     _EV = _EV or metrics.load_evaluators()
     root, _, objects, live = metrics.dataset_subjects(DATASET)
     templates = metrics.templates_for(cls, objects, live)[::3][:settings["n_prompts"]]
-    scores, _, _ = metrics.evaluate_subject(sd, _EV, metrics.read_images(root / subject), cls, templates, "sks",
-                                            settings["n_images"], settings["seed"],
-                                            num_inference_steps=settings["num_inference_steps"], guidance_scale=7.5)
+    scores, _, _ = metrics.score_model(base, scales, _EV, metrics.read_images(root / subject), cls, templates, "sks",
+                                       settings["n_images"], settings["seed"],
+                                       num_inference_steps=settings["num_inference_steps"], guidance_scale=7.5)
     return scores
 
 
@@ -142,11 +142,8 @@ def run_job(spec):
                 except train.TrainingError as e:          # e.g. the cached run was made with another --seed
                     raise RuntimeError(f"{e} [studies.py: delete {run} to redo this run]") from None
             seconds = time.time() - t0
-            sd = ckpt.load_sd(spec["base_file"])
-            if scales is not None:
-                train.load_personalized(sd, scales, base_path=spec["base_file"])
-            r = {**score(sd, spec["subject"], spec["cls"], spec["settings"]), "train_seconds": seconds,
-                 "settings": spec["settings"]}
+            r = {**score(spec["base_file"], scales, spec["subject"], spec["cls"], spec["settings"]),
+                 "train_seconds": seconds, "settings": spec["settings"]}
             if scales is not None:
                 r["trainable"] = sum(v.numel() for v in load_file(scales).values())
                 r["file_mib"] = scales.stat().st_size / 2**20

@@ -15,7 +15,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ckpt  # noqa: E402
@@ -26,11 +25,8 @@ METHODS = {"full": ["--method", "full"], "peqa": [], "s1": ["--t_range", "conten
 
 
 def score(base, scales, references, cls, n_images, seed):
-    sd = ckpt.load_sd(base)
-    if scales is not None:
-        train.load_personalized(sd, scales, base_path=base)
-    scores, _, _ = metrics.evaluate_subject(sd, EV, references, cls, ["a photo of {0} {1}"], "sks", n_images, seed,
-                                            num_inference_steps=50, guidance_scale=7.5)
+    scores, _, _ = metrics.score_model(base, scales, EV, references, cls, ["a photo of {0} {1}"], "sks", n_images,
+                                       seed, num_inference_steps=50, guidance_scale=7.5)
     return {k: scores[k] for k in ("clip_i", "dino")}
 
 

@@ -30,11 +30,8 @@ TEMPLATES = ["a photo of {0} {1}", "a {0} {1} in the jungle", "a {0} {1} on a co
 
 
 def score(base, scales, refs, cls, n_images, seed):
-    sd = ckpt.load_sd(base)
-    if scales is not None:
-        train.load_personalized(sd, scales, base_path=base)
-    scores, images, _ = metrics.evaluate_subject(sd, EV, refs, cls, TEMPLATES, "sks", n_images, seed,
-                                                 num_inference_steps=25, guidance_scale=7.5)
+    scores, images, _ = metrics.score_model(base, scales, EV, refs, cls, TEMPLATES, "sks", n_images, seed,
+                                            num_inference_steps=25, guidance_scale=7.5)
     return {k: scores[k] for k in ("clip_i", "dino", "clip_t")}, images
 
 
