@@ -1,5 +1,6 @@
 """train.py: instance images from real folders, the timestep logic of S1 and S2, what trains, and whole runs."""
 import io
+import json
 import os
 import subprocess
 import sys
@@ -442,3 +443,16 @@ def test_bf16_mixed_precision_matches_fp32(files, tmp_path, method):
     assert a.keys() == b.keys() and all(v.dtype == torch.float32 for v in b.values())
     torch.testing.assert_close(torch.tensor(l16), torch.tensor(l32), rtol=0.03, atol=1e-4)
     assert any(not torch.equal(a[k], b[k]) for k in a)                 # it did compute in another precision
+
+
+def test_default_quantized_base_follows_the_toy_model(tmp_path, monkeypatch):
+    """The cached W4A8 toy base is reused while its stored base_sha256 is the shipped toy model's, and made again
+    (replacing it) when the toy model changed, e.g. after a checkout that retrained it."""
+    from safetensors.torch import save_file
+    calls = []
+    monkeypatch.setattr(train.quant, "main", lambda argv: calls.append(argv))
+    path = tmp_path / "toy_w4a8.safetensors"
+    for sha in (train.quant.sha256(ckpt.TOY_CKPT), "0" * 64):
+        save_file({"x": torch.zeros(1)}, str(path), metadata={"qdp.quant": json.dumps({"base_sha256": sha})})
+        assert train.default_quantized(path) == path
+    assert len(calls) == 1 and "--overwrite" in calls[0] and str(path) in calls[0]
