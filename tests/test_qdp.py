@@ -1,4 +1,6 @@
 """qdp.py end to end on the toy model, every stage shortened: quantize, personalize three ways, sample, score, report."""
+import json
+
 import pytest
 
 import qdp
@@ -31,6 +33,10 @@ def test_end_to_end_and_rerun_reuses_the_stages(tmp_path, capsys):
     assert {m: f.stat().st_mtime_ns for m, f in files.items()} == stamps
     with pytest.raises(SystemExit, match="other class, subject; pass another --out"):   # nothing stale is reused
         qdp.main(["--out", str(out), "--subject", "dog_patch", *FAST])
+    record = json.loads((out / "qdp.json").read_text())          # the same path, but the model in it changed
+    (out / "qdp.json").write_text(json.dumps({**record, "ckpt_sha256": "0" * 64}))
+    with pytest.raises(SystemExit, match="other ckpt_sha256"):
+        qdp.main(["--out", str(out), "--subject", "vase_heart", *FAST])
 
 
 @pytest.mark.parametrize("flags, message", [
