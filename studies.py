@@ -42,6 +42,7 @@ from safetensors.torch import load_file
 
 import ckpt
 import eval as metrics
+import quant
 import train
 
 ROOT = Path(__file__).resolve().parent
@@ -67,11 +68,7 @@ def base_path(base, out):
         return ckpt.TOY_CKPT
     if base == "w4a8":
         return train.default_quantized()                 # shared with train.py's own default
-    path = Path(out) / f"toy_{base}.safetensors"
-    if not path.is_file():
-        import quant
-        quant.main([*BASES[base], "--preset", "fast", "--out", str(path)])
-    return path
+    return train.default_quantized(Path(out) / f"toy_{base}.safetensors", BASES[base])   # remade if the toy changed
 
 
 def class_dir(out, base, cls):
@@ -184,6 +181,7 @@ def jobs_for(variants, subjects, classes, files, args, folder="runs"):
     two studies that need the same run share it (the trade-off's runs, scored on the way, live apart)."""
     settings = {k: getattr(args, k) for k in ("n_prompts", "n_images", "num_inference_steps", "seed",
                                               "num_class_images")}
+    settings["toy_sha256"] = quant.sha256(ckpt.TOY_CKPT)     # cached scores of another toy model are not reused
     jobs = []
     for s in subjects:
         for name, (base, method, prior, steps) in variants.items():

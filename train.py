@@ -474,19 +474,19 @@ def prepare(sd, args):
     return data
 
 
-def default_quantized(path=Path("runs/toy_w4a8.safetensors")):
-    """The toy model quantized W4A8 by quant.py's fast preset: the base PEQA trains on when no --ckpt is given.
-    Made once (a few minutes on a CPU) and reused while it comes from the shipped toy model; made again when the toy
-    model changed (a new checkout), which its stored base_sha256 tells."""
+def default_quantized(path=Path("runs/toy_w4a8.safetensors"), bits=("--wbits", "4", "--abits", "8")):
+    """The toy model quantized (W4A8 unless `bits` say otherwise) by quant.py's fast preset: the base PEQA trains on
+    when no --ckpt is given. Made once (a few minutes on a CPU) and reused while it comes from the shipped toy model;
+    made again when the toy model changed (a new checkout), which its stored base_sha256 tells."""
     stale = False
     if path.is_file():
         with safe_open(str(path), framework="pt") as f:
             base = json.loads((f.metadata() or {}).get("qdp.quant", "{}")).get("base_sha256")
         stale = base != quant.sha256(ckpt.TOY_CKPT)
     if not path.is_file() or stale:
-        print(f"no --ckpt given: quantizing the toy model W4A8 into {path} "
+        print(f"quantizing the toy model ({' '.join(bits)}) into {path} "
               + ("(again: the toy model changed since it was made)" if stale else "(once)"))
-        quant.main(["--wbits", "4", "--abits", "8", "--preset", "fast", "--out", str(path), "--overwrite"])
+        quant.main([*bits, "--preset", "fast", "--out", str(path), "--overwrite"])
     return path
 
 
