@@ -10,7 +10,7 @@ gives the diffusers name of every tensor. Nothing here knows about quantization:
     python unet.py --preset sd_v1   # the same for the 860M-parameter SD v1 UNet
 """
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
