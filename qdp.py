@@ -178,8 +178,8 @@ def report(args, out, rows, grids, refs, subject, cls, seconds):
         for name, r in rows.items():
             extra = [f"{r['trainable']:,}", f"{r['file_mib']:.2f} MiB"] if "trainable" in r else ["-", "-"]
             lines.append(f"| {name} | " + " | ".join(f"{r[k]:.3f}" for k in keys) + " | " + " | ".join(extra) + " |")
-        lines += ["", f"Change from the untrained model, paired image by image (the same {n_scored} prompts and seeds),"
-                  " with a 95% bootstrap interval over the images:", "",
+        lines += ["", f"Change from the untrained model, paired image by image ({n_scored} images, the same prompts "
+                  "and seeds for every model), with a 95% bootstrap interval over the images:", "",
                   "| model | CLIP-I change | DINO change |", "|---|---|---|", *change_rows(rows), "",
                   "What the columns measure (higher is better for each):", ""]
         lines += [f"- {metrics.METRIC_NAMES[k]}: {LEGEND[k]}." for k in keys]
