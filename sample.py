@@ -50,10 +50,10 @@ def pick_threads(device="cpu"):
     all of them (10-30x slower on a 2-core machine; README, Troubleshooting)."""
     if device != "cpu":
         return torch.get_num_threads()
-    cores = os.cpu_count() or 1
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     if "OMP_NUM_THREADS" in os.environ:                # the user's choice, not second-guessed or announced
         return torch.get_num_threads()
+    cores = os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     torch.set_num_threads(max(1, min(cores, round(cores - load))))
     if not _THREADS_SAID:
         _THREADS_SAID.append(True)
@@ -77,7 +77,7 @@ class PlainProgress:
     def __init__(self, iterable, desc, total, unit, initial, quiet):
         self.iterable, self.desc, self.unit, self.n, self.quiet = iterable, desc, unit, initial, quiet
         self.total = total if total is not None else (len(iterable) + initial if hasattr(iterable, "__len__") else None)
-        self.postfix, self.t0, self.next = "", time.time(), None
+        self.postfix, self.t0 = "", time.time()
 
     def __iter__(self):
         every = max(1, (self.total or 10) // 10)
@@ -425,13 +425,10 @@ def parse_args(argv=None):
     return args
 
 
-def viewable_copy(out):
-    """Where a small sample (under 256 px a side, as the toy model's 64 px) also goes, enlarged with nearest-neighbour
-    pixels so that it opens at a readable size: out_big.png beside out. None for large images."""
-    out = Path(out)
-    with Image.open(out) as im:
-        small = min(im.size) < 256
-    return out.with_name(out.stem + "_big.png") if small else None
+def viewable_copy(out, size):
+    """Where a small sample of `size` (under 256 px a side, as the toy model's 64 px) also goes, enlarged with
+    nearest-neighbour pixels so that it opens at a readable size: out_big.png beside out. None for large images."""
+    return Path(out).with_name(Path(out).stem + "_big.png") if min(size) < 256 else None
 
 
 def written_by_us(path):
@@ -512,7 +509,7 @@ def main(argv=None):
     grid = image_grid(images)
     grid.save(args.out, **({"pnginfo": mark} if Path(args.out).suffix.lower() == ".png" else {}))
     note = ""
-    big = viewable_copy(args.out)
+    big = viewable_copy(args.out, grid.size)
     if big is not None and (not big.exists() or written_by_us(big)):   # a toy image opens as a thumbnail otherwise
         zoom = -(-256 // min(grid.size))
         grid.resize((grid.width * zoom, grid.height * zoom), Image.Resampling.NEAREST).save(big, pnginfo=mark)

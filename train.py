@@ -350,7 +350,7 @@ def optimizer_step(model, params, optimizer, batch, max_grad_norm, precision=Non
     """One AdamW step on a batch, with gradient clipping; a non-finite loss leaves the parameters as they were (and
     under float16 the GradScaler skips steps whose gradients overflowed). Returns train_step's loss and MSEs."""
     optimizer.zero_grad(set_to_none=True)    # None, not zero: AdamW skips experts that got no gradient
-    loss, mse = (train_step(model, batch) if precision is None else train_step(model, batch, precision, scaler))
+    loss, mse = train_step(model, batch, precision, scaler)
     if torch.isfinite(loss):
         if scaler is not None:
             scaler.unscale_(optimizer)

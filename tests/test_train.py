@@ -293,9 +293,9 @@ def test_nan_loss_stops_and_keeps_the_last_state(files, tmp_path, monkeypatch):
     real = train.train_step
     calls = []
 
-    def poisoned(model, batch):
+    def poisoned(model, batch, *precision):
         calls.append(1)
-        loss, mse = real(model, batch)
+        loss, mse = real(model, batch, *precision)
         return (loss * float("nan"), mse) if len(calls) == 3 else (loss, mse)
     monkeypatch.setattr(train, "train_step", poisoned)
     with pytest.raises(train.TrainingError, match="nan"):
@@ -309,7 +309,7 @@ def test_nan_stop_advice_can_be_followed(files, tmp_path, monkeypatch):
     """The NaN stop names the saved state and its step (or says none was saved), NaN parameters are never saved over
     the last good state, and `--resume` with a lower learning rate finishes the run, while a higher one is refused."""
     real = train.train_step
-    monkeypatch.setattr(train, "train_step", lambda m, b: (real(m, b)[0] * float("nan"), real(m, b)[1]))
+    monkeypatch.setattr(train, "train_step", lambda m, b, *p: (real(m, b, *p)[0] * float("nan"), real(m, b, *p)[1]))
     with pytest.raises(train.TrainingError, match="no state was saved yet: rerun with a lower --learning_rate"):
         run(files, tmp_path / "first", "--max_train_steps", "3")
     monkeypatch.setattr(train, "train_step", real)
