@@ -65,7 +65,7 @@ class Plan:
     unet_lr: float = 1e-3
     min_snr: float = 5.0                           # min-SNR-gamma loss weighting of the UNet
     eval_clip_steps: int = 1500
-    dino_steps: int = 600
+    dino_steps: int = 1500
     dino_batch: int = 96
     dino_twins: bool = True                        # positive pairs: one object on two backgrounds, in two poses
     seed: int = 0
