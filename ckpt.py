@@ -15,6 +15,7 @@ Layouts:
     python ckpt.py PATH                       # load a checkpoint, print what it holds
     python ckpt.py PATH --to_diffusers DIR    # convert a CompVis file to a diffusers folder (or --to_compvis FILE)
 """
+import hashlib
 import json
 import os
 import pickle
@@ -24,11 +25,13 @@ import warnings
 
 import numpy as np
 import torch
+import torch.nn as nn
 from PIL import Image, ImageOps, UnidentifiedImageError
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+import qlayers
 import unet as unet_lib
 import vae as vae_lib
 
@@ -381,9 +384,8 @@ def load_sd(path, device="cpu", dtype=torch.float32, verbose=False):
         tokenizer = load_tokenizer(tok_dir) if (tok_dir / "vocab.json").is_file() else None
     else:
         tensors, meta = read_tensors(path)
-        if "qdp.quant" in meta:  # written by quant.py: an integer UNet, which only quant.py knows how to build
-            import quant  # here, not at the top: quant imports ckpt
-            return quant.build_quantized(tensors, meta, path, device, dtype)
+        if "qdp.quant" in meta:  # written by quant.py: an integer UNet (qlayers.py)
+            return build_quantized(tensors, meta, path, device, dtype)
         check_family(tensors, path)
         parts, tokenizer = split_compvis(tensors), None
     model = build(parts, path, meta, tokenizer, device, dtype)
@@ -424,8 +426,7 @@ def plain_unet(unet):
     zero_point), the parts of a split layer concatenated back along the input dimension, and its other tensors as
     they are. It computes what `unet` computes with activation quantization off, and saves as any SD v1 UNet does.
     A UNet without quantized layers is returned as it is."""
-    import quant  # here, not at the top: quant imports ckpt
-    layers = {n: m for n, m in unet.named_modules() if isinstance(m, quant.QuantLayer)}
+    layers = {n: m for n, m in unet.named_modules() if isinstance(m, qlayers.QuantLayer)}
     if not layers:
         return unet
     with torch.device("meta"):
@@ -480,6 +481,141 @@ def save_diffusers(model, folder, dtype=None):
              "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
              "vae": ["diffusers", "AutoencoderKL"], "safety_checker": [None, None], "feature_extractor": [None, None]}
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# quantized files (quant.py writes them) and train.py's personalized scales
+
+
+def save_quantized(sd_q, path, meta=None):
+    """One safetensors file: the quantized UNet's state dict (with in_scale only where present), the VAE and text
+    encoder as save_compvis writes them, the model config ("qdp.config") and the quantization settings with
+    `meta` ("qdp.quant")."""
+    wbits, abits, softmax_bits = qlayers.bits_of(sd_q.unet)
+    parts = {"unet": sd_q.unet.state_dict(), "vae": sd_q.vae.state_dict(),
+             "text_encoder": canonical_text_keys(sd_q.text_encoder.state_dict())}
+    tensors = {PREFIX[name] + k: v for name, part in parts.items() for k, v in part.items()}
+    info = json.dumps({"wbits": wbits, "abits": abits, "softmax_bits": softmax_bits, "packing": qlayers.PACKING,
+                       **(meta or {})})
+    atomic_save(tensors, path, {"format": "pt", "qdp.config": config_json(sd_q), "qdp.quant": info,
+                                     "qdp.unet_sha256": unet_digest(parts["unet"])})
+
+
+def unet_digest(unet_sd):
+    """sha256 of a quantized UNet's tensors (integer codes, scales and the float rest), in name order: stored at
+    save and checked at load, since flipped bits in the codes would otherwise sample noise without an error."""
+    h = hashlib.sha256()
+    for k in sorted(unet_sd):
+        v = unet_sd[k].detach().contiguous().cpu()
+        h.update(k.encode() + str(v.dtype).encode() + str(tuple(v.shape)).encode())
+        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_quantized(want, got, bits, path):
+    """One-line CheckpointErrors for a quantized UNet state dict that does not fit its skeleton or its bit widths."""
+    missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    wrong = [k for k in want if k in got and (got[k].shape != want[k].shape or
+                                               (got[k].dtype == torch.uint8) != (want[k].dtype == torch.uint8))]
+    if missing or unexpected or wrong:
+        say = lambda what, ks: f"{len(ks)} {what}" + (f" (e.g. {ks[0]})" if ks else "")
+        raise CheckpointError(f"{path}: the quantized UNet does not match its config: {say('missing', missing)}, "
+                                   f"{say('unexpected', unexpected)}, {say('of the wrong shape or dtype', wrong)}; "
+                                   f"the file is incomplete, write it again with quant.py")
+    for k, v in got.items():
+        n = bits[0] if ".weight_quantizer" in k else bits[2] if "softmax_quantizer" in k else bits[1]
+        if k.endswith(".w_int") and n not in (4, 8) and int(qlayers.unpack(v, n, 2 * v.shape[1]).max()) > 2**n - 1:
+            raise CheckpointError(f"{path}: {k} holds codes above {2**n - 1}, out of range for {n} bits")
+        if k.endswith(".zero_point") and not (bool((v == v.round()).all()) and 0 <= v.min() and v.max() <= 2**n - 1):
+            raise CheckpointError(f"{path}: {k} must hold integers in [0, {2**n - 1}] for {n} bits")
+        if k.endswith("scale") and not bool((torch.isfinite(v) & ((v > 0) | k.endswith(".in_scale"))).all()):
+            raise CheckpointError(f"{path}: {k} holds scales that are not finite and positive")
+
+
+def build_quantized(tensors, meta, path, device="cpu", dtype=torch.float32):
+    """A StableDiffusion from the tensors and metadata of a file that save_quantized wrote (load_sd calls it)."""
+    try:
+        info, configs = json.loads(meta["qdp.quant"]), json.loads(meta["qdp.config"])
+        bits = (int(info["wbits"]), int(info["abits"]), int(info["softmax_bits"]))
+        ucfg = meta_cfg(unet_lib.UNetConfig(), configs["unet"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: unreadable quantization metadata ({e}); write it again with "
+                                   f"quant.py") from None
+    if info.get("packing") != qlayers.PACKING:
+        raise CheckpointError(f"{path} comes from an older quant.py (codes packed as {info.get('packing')!r}, "
+                                   f"not {qlayers.PACKING!r}); quantize the model again")
+    parts = split_compvis(tensors)
+    if not parts["vae"] or not parts["text_encoder"]:
+        raise CheckpointError(f"{path} lacks the VAE or the text encoder; write it again with quant.py")
+    if "qdp.unet_sha256" in meta and unet_digest(parts["unet"]) != meta["qdp.unet_sha256"]:
+        raise CheckpointError(f"{path}: the quantized UNet's tensors do not match the checksum stored with them "
+                                   f"(the file was damaged or edited); quantize the model again or use a good copy")
+    in_scales = any(k.endswith(".in_scale") for k in parts["unet"])
+    qunet = qlayers.quant_skeleton(ucfg, *bits, device="meta", in_scales=in_scales)
+    check_quantized(qunet.state_dict(), parts["unet"], bits, path)
+    check_values(qunet.state_dict(), parts["unet"], "quantized UNet", path)
+    cast = lambda sd: {k: v.to(device, dtype if v.is_floating_point() else v.dtype) for k, v in sd.items()}
+    qunet.load_state_dict(cast(parts["unet"]), strict=True, assign=True)
+    with torch.device("meta"):
+        vae = vae_lib.AutoencoderKL(meta_cfg(vae_lib.VAEConfig.from_state_dict(parts["vae"]), configs.get("vae")))
+    text_encoder = CLIPTextModel(text_config(parts["text_encoder"], configs.get("text_encoder")))
+    fill(vae, cast(parts["vae"]), "VAE", path)
+    fill(text_encoder, model_text_keys(cast(parts["text_encoder"]), text_encoder), "text encoder", path)
+    text_encoder.to(device=device, dtype=dtype)
+    return StableDiffusion(qunet.eval(), vae.eval(), text_encoder.eval(), load_tokenizer())
+
+
+def load_quantized(path, device="cpu", dtype=torch.float32):
+    tensors, meta = read_tensors(path)
+    if "qdp.quant" not in meta:
+        raise CheckpointError(f"{path} is not a quantized qdp file (no 'qdp.quant' metadata); make one with "
+                                   f"`python quant.py --ckpt {path}`")
+    return build_quantized(tensors, meta, path, device, dtype)
+
+
+def sha256(path):
+    """Of a file, or of a diffusers folder's files in name order."""
+    path, h = Path(path), hashlib.sha256()
+    for f in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()):
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+
+def load_personalized(sd, path, base_path=None):
+    """Put train.py's output into a loaded base model: scales (PEQA), experts (S2: sd.unet becomes an ExpertUNet)
+    or full UNet weights. With `base_path`, checks that it is the model the run started from."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise CheckpointError(f"cannot read {path} ({e}); pass the personalized.safetensors train.py wrote")
+    if "qdp.train" not in meta:
+        raise CheckpointError(f"{path} is not a train.py output (no qdp.train metadata)")
+    config = json.loads(meta["qdp.train"])
+    if base_path is not None and sha256(base_path) != config["base_sha256"]:
+        raise CheckpointError(f"{path} was trained on another base model ({config['ckpt']}); pass that "
+                                   "file as --ckpt")
+    unet = sd.unet
+    if config["method"] == "full":
+        unet.load_state_dict(tensors)                # copies into the model's own device and dtype
+        return sd
+    if config.get("multi_channel"):
+        qlayers.add_in_scales(unet)
+    if config["n_experts"] == 1:
+        own = qlayers.scale_params(unet)
+        with torch.no_grad():
+            for n, v in tensors.items():
+                own[n].copy_(v)
+        return sd
+    own, experts = qlayers.scale_params(unet), [{} for _ in range(config["n_experts"])]
+    for n, v in tensors.items():
+        k, name = n.split(".", 2)[1:]                # expert.{k}.{quantizer name}.{scale or in_scale}
+        experts[int(k)][name] = nn.Parameter(v.to(own[name]), requires_grad=False)
+    sd.unet = qlayers.ExpertUNet(unet, experts, config["bounds"])
+    return sd
 
 
 def main(argv=None):

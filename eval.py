@@ -322,7 +322,7 @@ def score_model(base, scales, ev, references, cls, templates, token="sks", n_ima
     Returns (scores, images, prompts)."""
     sd = ckpt.load_sd(base, device=device)
     if scales is not None:
-        train.load_personalized(sd, scales, base_path=base)
+        ckpt.load_personalized(sd, scales, base_path=base)
     return evaluate_subject(sd, ev, references, cls, templates, token, n_images, seed, per_image, **sampling)
 
 

@@ -276,7 +276,7 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     check_reuse(out, {k: str(getattr(args, k)) for k in ("ckpt", "wbits", "abits", "quant_iters", "token",
                                                          "max_train_steps", "num_class_images", "seed")}
-                | {"subject": str(subject_dir.resolve()), "class": cls, "ckpt_sha256": quant.sha256(args.ckpt)})
+                | {"subject": str(subject_dir.resolve()), "class": cls, "ckpt_sha256": ckpt.sha256(args.ckpt)})
     try:
         base = quantize(args, out)
         runs = personalize(args, base, out, subject_dir, cls)

@@ -7,10 +7,10 @@ arXiv 1902.08153).
 
 1. `calibrate`: sample with the FP model (DDIM, CFG); keep the UNet inputs (x_t, t, ctx) of both halves at every
    `every`-th step.
-2. `quantize_`: swap each Conv2d/Linear (and CrossAttention) by name for QuantConv2d/QuantLinear (QuantCrossAttention):
-   integer weights per output channel, rounded to nearest in the range of least Lp error (RTN, the baseline; the
-   format is WeightQuantizer's), and per-tensor fake quantization of each layer's input and of attention's q, k, v
-   and probabilities.
+2. `quantize_`: swap each Conv2d/Linear (and CrossAttention) by name for qlayers.py's QuantConv2d/QuantLinear
+   (QuantCrossAttention): integer weights per output channel, rounded to nearest in the range of least Lp error (RTN,
+   the baseline; the format is qlayers.WeightQuantizer's), and per-tensor fake quantization of each layer's input and
+   of attention's q, k, v and probabilities.
 3. `reconstruct`, unit by unit in forward order (ResBlocks and transformer blocks whole, other layers alone), inputs
    from the model quantized so far, targets from the FP model. Weights first, activations in float:
        loss = mean over positions of ||out_q - out_fp||^2 (sum over channels) + lambda sum(1 - |2 h(alpha) - 1|^beta)
@@ -19,7 +19,7 @@ arXiv 1902.08153).
    no regularizer for i < w, then beta_i = 2 + 18 (1 - (i - w) / (n - w)). Then alpha >= 0 rounds up and the codes
    freeze; with activations quantized, the unit's activation ranges are set (min/max clipped by the Lp search) and
    their steps learned, weights hard.
-4. `save_quantized` / `load_quantized` (and so `ckpt.load_sd`, `sample.py --ckpt`): one safetensors file.
+4. `ckpt.save_quantized` / `ckpt.load_quantized` (and so `ckpt.load_sd`, `sample.py --ckpt`): one safetensors file.
 
     python quant.py --wbits 4 --abits 8 --out out/toy_w4a8.safetensors      # the toy world on a CPU (fast preset)
     python sample.py --ckpt out/toy_w4a8.safetensors --prompt "a red striped mug on the beach" --out mug.png
@@ -27,7 +27,6 @@ arXiv 1902.08153).
 """
 import argparse
 import copy
-import hashlib
 import json
 import math
 import random
@@ -36,21 +35,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from transformers import CLIPTextModel
 
 import ckpt
+import qlayers
 import sample
 import unet as unet_lib
-import vae as vae_lib
 import world
 
-ZETA, GAMMA = 1.1, -0.1                         # AdaRound's stretched sigmoid, so h reaches 0 and 1 exactly
-P_NORM = 2.4                                    # Q-Diffusion's Lp norm for choosing ranges
-RATIOS = [1 - 0.01 * i for i in range(80)]      # the clipping ratios searched, as Q-Diffusion does
-PACKING = "halves"                              # how pack() lays out 4-bit codes, recorded in every file
-BLOCK_BYTES = 6 * 2**20                         # on a CPU, convs dequantize blocks of output channels this size
 PRESETS = {  # qdiffusion: Q-Diffusion's SD recipe with BRECQ's optimizer; fast: the toy world in ~2 CPU minutes
     "qdiffusion": dict(n_prompts=128, num_inference_steps=50, calib_every=2, iters=20000, act_iters=5000,
                        batch_size=32, lr=1e-3, act_lr=1e-3),
@@ -64,374 +55,6 @@ SUBJECTS = ["a red fox", "an old lighthouse", "a bowl of ramen", "a vintage bicy
 STYLES = ["at sunset, photograph", "as a watercolor painting", "digital art, highly detailed", "as a pencil sketch",
           "on a rainy street, cinematic lighting", "as an oil painting", "studio photo, soft light",
           "isometric 3d render"]
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# integer codes and ranges
-
-
-def pack(codes, n_bits):
-    """(rows, k) codes -> uint8 (rows, h = ceil(k/2)) for n_bits <= 4: byte j holds code j in its low nibble and code
-    j + h in its high one, so unpacking is two contiguous copies (a third faster on a CPU than adjacent pairs)."""
-    codes = codes.to(torch.uint8)
-    if n_bits > 4:
-        return codes.contiguous()
-    h = (codes.shape[1] + 1) // 2
-    return codes[:, :h] | (F.pad(codes[:, h:], (0, codes.shape[1] % 2)) << 4)
-
-
-def unpack(w_int, n_bits, k):
-    """The inverse of pack: -> (rows, k) uint8 codes."""
-    return w_int if n_bits > 4 else torch.cat([w_int & 15, w_int >> 4], dim=1)[:, :k]
-
-
-def dequantize(w_int, zero_point, scale, in_scale, n_bits, shape, out=None):
-    """scale * (codes - zero_point) * in_scale, flat (rows, k), for a weight of `shape`; a factor given as None is
-    left out. Computed in place in `out` (a fresh tensor if None; unit stride along k) without autograd, for the
-    inference and backward paths. For n_bits <= 4, codes - zero_point is taken in int8 before the float conversion:
-    a byte operation instead of a pass over the float weight."""
-    k = math.prod(shape[1:])
-    out = torch.empty(len(w_int), k, dtype=zero_point.dtype, device=w_int.device) if out is None else out
-    if n_bits <= 4:
-        z, h = zero_point.to(torch.int8), w_int.shape[1]
-        out[:, :h].copy_((w_int & 15).view(torch.int8).sub_(z))
-        out[:, h:].copy_((w_int >> 4)[:, :k - h].view(torch.int8).sub_(z))
-    else:
-        out.copy_(w_int).sub_(zero_point)
-    if scale is not None:
-        out.mul_(scale)
-    if in_scale is not None:
-        out.unflatten(1, (shape[1], -1)).mul_(in_scale.reshape(1, shape[1], 1))
-    return out
-
-
-@torch.no_grad()
-def search_range(x, n_bits, lo=None, hi=None):
-    """Per row of x (R, n): scale and zero_point of the range r * [lo, hi] (lo <= 0 <= hi, by default the row's min
-    and max) whose fake quantization has the least sum |x - q(x)|^2.4, over the ratios r of RATIOS."""
-    qmax = 2**n_bits - 1
-    lo = (x.amin(1, keepdim=True) if lo is None else lo).clamp(max=0)
-    hi = (x.amax(1, keepdim=True) if hi is None else hi).clamp(min=0)
-    best, scale, zero_point = torch.full_like(lo, math.inf), torch.ones_like(lo), torch.zeros_like(lo)
-    for r in RATIOS:
-        s = ((hi - lo) * r / qmax).clamp(min=1e-8)
-        z = torch.round(-lo * r / s)                             # in [0, qmax] since lo <= 0 <= hi
-        q = (torch.clamp(torch.round(x / s) + z, 0, qmax) - z) * s
-        err = (q - x).abs().pow(P_NORM).sum(1, keepdim=True)
-        better = err < best
-        best, scale, zero_point = err.where(better, best), s.where(better, scale), z.where(better, zero_point)
-    return scale, zero_point
-
-
-_scratch = {}
-
-
-def scratch(numel, device, dtype):
-    """One buffer per device for inference dequantization, reused by every layer: a fresh tensor per layer and forward
-    costs more in CPU page faults than the dequantization itself. Not for two forwards at once."""
-    buf = _scratch.get((device, dtype))
-    if buf is None or buf.numel() < numel:
-        buf = _scratch[(device, dtype)] = torch.empty(numel, device=device, dtype=dtype)
-    return buf[:numel]
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# quantizers
-
-
-class WeightQuantizer(nn.Module):
-    """Integer weights w = scale * (w_int - zero_point) * in_scale for a float weight of `shape`. scale and zero_point
-    per output channel, asymmetric: codes in [0, 2^b - 1], flattened per output channel and packed (uint8, two a byte
-    for b <= 4). in_scale, per input channel ((1, in) or (1, in, 1, 1): TuneQDM's multi-channel scales), is None until
-    add_in_scales. alpha (AdaRound's rounding variables) and w_floor are None but during AdaRound, when weight() is the
-    soft weight; harden() rounds, freezes the codes and sets them back to None."""
-
-    def __init__(self, shape, n_bits, device=None):
-        super().__init__()
-        self.shape, self.n_bits, self.k, self.qmax = tuple(shape), n_bits, math.prod(shape[1:]), 2**n_bits - 1
-        packed = (self.k + 1) // 2 if n_bits <= 4 else self.k
-        self.register_buffer("w_int", torch.zeros(shape[0], packed, dtype=torch.uint8, device=device))
-        self.register_buffer("zero_point", torch.zeros(shape[0], 1, device=device))
-        self.scale = nn.Parameter(torch.ones(shape[0], 1, device=device))
-        self.register_parameter("in_scale", None)
-        self.register_parameter("alpha", None)
-        self.register_buffer("w_floor", None, persistent=False)
-
-    def codes(self):
-        return unpack(self.w_int, self.n_bits, self.k)
-
-    def soft_rounding(self):
-        return torch.clamp(torch.sigmoid(self.alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)     # AdaRound eq. 23
-
-    def weight(self):
-        """The float weight, differentiable in scale, in_scale and (during AdaRound) alpha."""
-        if self.alpha is not None:
-            q = torch.clamp(self.w_floor + self.soft_rounding() + self.zero_point, 0, self.qmax)
-        else:
-            q = self.codes().to(self.scale.dtype)
-        w = (self.scale * (q - self.zero_point)).view(self.shape)
-        return w if self.in_scale is None else w * self.in_scale
-
-    def set_codes(self, v):
-        """Codes round(v) + zero_point, clamped to [0, 2^b - 1], into w_int."""
-        self.w_int.copy_(pack(torch.clamp(torch.round(v) + self.zero_point, 0, self.qmax), self.n_bits))
-
-    @torch.no_grad()
-    def init_rtn(self, w):
-        w = w.detach().flatten(1).to(self.scale)
-        scale, zero_point = search_range(w, self.n_bits)
-        self.scale.copy_(scale)
-        self.zero_point.copy_(zero_point)
-        self.set_codes(w / scale)
-
-    @torch.no_grad()
-    def start_adaround(self, w):
-        v = w.detach().flatten(1).to(self.scale) / self.scale
-        self.w_floor = v.floor()
-        frac = v - self.w_floor                                   # h(alpha) = frac: the soft weight is w itself
-        self.alpha = nn.Parameter(-torch.log((ZETA - GAMMA) / (frac - GAMMA) - 1))
-
-    @torch.no_grad()
-    def harden(self):
-        self.set_codes(self.w_floor + (self.alpha >= 0).to(self.w_floor))
-        self.alpha = self.w_floor = None
-
-
-class ActQuantizer(nn.Module):
-    """Per-tensor asymmetric fake quantization; `scale` learns through a straight-through round (LSQ), zero_point is
-    fixed. `enabled` is False until init_activation_quantizers has set the range."""
-
-    def __init__(self, n_bits, device=None):
-        super().__init__()
-        self.n_bits, self.enabled = n_bits, True
-        self.scale = nn.Parameter(torch.ones((), device=device))
-        self.register_buffer("zero_point", torch.zeros((), device=device))
-
-    def forward(self, x):
-        if not self.enabled:
-            return x
-        s, z = self.scale.to(x.dtype), self.zero_point.to(x.dtype)
-        v = x / s
-        v = v + (v.round() - v).detach()                         # round, with the gradient of the identity
-        return (torch.clamp(v + z, 0, 2**self.n_bits - 1) - z) * s
-
-
-def act_quantizer(n_bits, device=None):
-    return ActQuantizer(n_bits, device) if n_bits < 32 else nn.Identity()
-
-
-def op(x, w, bias, conv):
-    """A layer's float operation: linear (conv None) or conv2d with conv = (stride, padding)."""
-    return F.linear(x, w, bias) if conv is None else F.conv2d(x, w, bias, *conv)
-
-
-class QuantWeightFn(torch.autograd.Function):
-    """op(x, w) + bias with w = scale * (codes - zero_point) * in_scale (in_scale may be None), differentiable in x,
-    scale, in_scale and bias, saving only x and the uint8 codes: autograd through a dequantized weight would keep every
-    layer's float weight (8x the 4-bit codes) alive until backward, so backward recomputes it. With c = codes -
-    zero_point: dL/dscale = sum over the other dims of dL/dw * c * in_scale, dL/din_scale of dL/dw * c * scale."""
-
-    @staticmethod
-    def forward(ctx, x, w_int, scale, zero_point, in_scale, bias, n_bits, shape, conv):
-        ctx.save_for_backward(x, w_int, scale, zero_point, in_scale)
-        ctx.n_bits, ctx.shape, ctx.conv, ctx.bias_dtype = n_bits, shape, conv, None if bias is None else bias.dtype
-        return op(x, dequantize(w_int, zero_point, scale, in_scale, n_bits, shape).view(shape).to(x.dtype), bias, conv)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, w_int, scale, zero_point, in_scale = ctx.saved_tensors
-        shape, conv, needs = ctx.shape, ctx.conv, ctx.needs_input_grad
-        c = dequantize(w_int, zero_point, None, None, ctx.n_bits, shape).view(shape)       # codes - zero_point
-        grad_x = grad_scale = grad_in_scale = grad_bias = None
-        if needs[0]:
-            w = c * scale.view(-1, *[1] * (len(shape) - 1))
-            w = (w if in_scale is None else w.mul_(in_scale)).to(grad_out.dtype)
-            grad_x = grad_out @ w if conv is None else torch.nn.grad.conv2d_input(x.shape, w, grad_out, *conv)
-            del w
-        if needs[2] or needs[4]:
-            grad_w = (grad_out.flatten(0, -2).T @ x.flatten(0, -2) if conv is None
-                      else torch.nn.grad.conv2d_weight(x, shape, grad_out, *conv)).to(scale)
-            g = grad_w.mul_(c).view(shape[0], shape[1], -1).sum(2)     # dL/dw * c over the kernel: (out, in)
-            if needs[2]:
-                grad_scale = (g if in_scale is None else g * in_scale.view(1, -1)).sum(1, keepdim=True)
-            if needs[4]:
-                grad_in_scale = (g * scale).sum(0).view(in_scale.shape)
-        if ctx.bias_dtype is not None and needs[5]:
-            grad_bias = (grad_out.flatten(0, -2).sum(0) if conv is None else grad_out.sum((0, 2, 3))).to(ctx.bias_dtype)
-        return grad_x, None, grad_scale, None, grad_in_scale, grad_bias, None, None, None
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# quantized layers, swapped in by name
-
-
-class QuantLayer(nn.Module):
-    """A Conv2d (conv = (stride, padding)) or Linear (conv None) with integer weights: QuantConv2d, QuantLinear. A
-    split layer (its input is [h, skip], `split` = channels of h) has a weight and an activation quantizer for each
-    part: weight_quantizer(_skip), act_quantizer(_skip)."""
-
-    def __init__(self, weight_shape, bias, wbits, abits, split=None, conv=None, device=None):
-        super().__init__()
-        out, c, rest = weight_shape[0], weight_shape[1], tuple(weight_shape[2:])
-        self.weight_shape, self.wbits, self.abits = tuple(weight_shape), wbits, abits
-        self.split, self.conv = split, conv
-        self.parts = [split, c - split] if split else [c]          # input channels of each part
-        self.dim = 1 if conv else -1                                 # the input's channel dimension
-        self.weight_quantizer = WeightQuantizer((out, self.parts[0], *rest), wbits, device)
-        self.act_quantizer = act_quantizer(abits, device)
-        if split:
-            self.weight_quantizer_skip = WeightQuantizer((out, self.parts[1], *rest), wbits, device)
-            self.act_quantizer_skip = act_quantizer(abits, device)
-        self.bias = nn.Parameter(torch.zeros(out, device=device)) if bias else None
-
-    @staticmethod
-    def from_float(layer, wbits, abits, split=None, init=True):
-        """The QuantConv2d or QuantLinear for an nn.Conv2d or nn.Linear, with RTN codes of its weight if `init`."""
-        conv = (tuple(layer.stride), tuple(layer.padding)) if isinstance(layer, nn.Conv2d) else None
-        new = (QuantLinear if conv is None else QuantConv2d)(layer.weight.shape, layer.bias is not None, wbits, abits,
-                                                             split, conv, layer.weight.device)
-        return new.init_from(layer) if init else new
-
-    @torch.no_grad()
-    def init_from(self, layer):
-        """RTN codes for the float layer's weight (Lp-searched ranges) and its bias."""
-        for q, w in zip(self.weight_quantizers(), layer.weight.split(self.parts, dim=1)):
-            q.init_rtn(w)
-        if self.bias is not None:
-            self.bias.copy_(layer.bias)
-        return self
-
-    def weight_quantizers(self):
-        return [self.weight_quantizer, self.weight_quantizer_skip] if self.split else [self.weight_quantizer]
-
-    def quantize_input(self, x):
-        if not self.split:
-            return self.act_quantizer(x)
-        if isinstance(self.act_quantizer, nn.Identity):
-            return x
-        h, skip = x.split(self.parts, dim=self.dim)
-        return torch.cat([self.act_quantizer(h), self.act_quantizer_skip(skip)], dim=self.dim)
-
-    @torch.no_grad()
-    def fast_weight(self, start=0, stop=None):
-        """Output channels start:stop of the dequantized weight, in the shared scratch buffer: valid until the next
-        call, one forward at a time."""
-        stop = min(stop or self.weight_shape[0], self.weight_shape[0])
-        qs, shape = self.weight_quantizers(), (stop - start, *self.weight_shape[1:])
-        flat, col = scratch(math.prod(shape), qs[0].scale.device, qs[0].scale.dtype).view(shape[0], -1), 0
-        for q in qs:
-            dequantize(q.w_int[start:stop], q.zero_point[start:stop], q.scale[start:stop], q.in_scale, q.n_bits,
-                       (shape[0], *q.shape[1:]), flat[:, col:col + q.k])
-            col += q.k
-        return flat.view(shape)
-
-    def forward(self, x):
-        x, qs = self.quantize_input(x), self.weight_quantizers()
-        if qs[0].alpha is not None:                                  # AdaRound: autograd reaches alpha via weight()
-            return op(x, torch.cat([q.weight() for q in qs], dim=1).to(x.dtype), self.bias, self.conv)
-        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
-            if torch.is_autocast_enabled(x.device.type):   # mixed precision: x enters the Function in the autocast
-                x = x.to(torch.get_autocast_dtype(x.device.type))   # dtype, so its backward sees one dtype
-            outs = [QuantWeightFn.apply(xp, q.w_int, q.scale, q.zero_point, q.in_scale, self.bias if i == 0 else None,
-                                        q.n_bits, q.shape, self.conv)   # training: the lean Function, once per part
-                    for i, (xp, q) in enumerate(zip(x.split(self.parts, dim=self.dim), qs))]
-            return sum(outs[1:], outs[0])
-        # inference: no float weight is kept. On a CPU a conv takes its weight in blocks of output channels that stay
-        # in cache between dequantization and conv; a whole weight would go out to memory and back (bench_quant.py)
-        n, step = self.weight_shape[0], self.weight_shape[0]
-        if self.conv is not None and x.device.type == "cpu":
-            step = max(64, BLOCK_BYTES // (qs[0].scale.element_size() * math.prod(self.weight_shape[1:])) // 64 * 64)
-        outs = [op(x, self.fast_weight(a, a + step).to(x.dtype), None if self.bias is None else self.bias[a:a + step],
-                   self.conv) for a in range(0, n, step)]
-        return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
-
-
-class QuantConv2d(QuantLayer):
-    """nn.Conv2d with integer weights (made by QuantLayer.from_float)."""
-
-
-class QuantLinear(QuantLayer):
-    """nn.Linear with integer weights (made by QuantLayer.from_float)."""
-
-
-class QuantCrossAttention(unet_lib.CrossAttention):
-    """CrossAttention whose attend() quantizes q, k, v (abits) and the attention probabilities (softmax_bits)."""
-
-    def __init__(self, query_dim, context_dim, heads, head_dim, abits=32, softmax_bits=16, device=None):
-        super().__init__(query_dim, context_dim, heads, head_dim)
-        self.abits, self.softmax_bits = abits, softmax_bits
-        self.q_quantizer, self.k_quantizer, self.v_quantizer, self.softmax_quantizer = (
-            act_quantizer(b if abits < 32 else 32, device) for b in (abits, abits, abits, softmax_bits))
-
-    @classmethod
-    def from_float(cls, attn, abits, softmax_bits):
-        with torch.device("meta"):                                   # its own projections are replaced just below
-            new = cls(attn.to_q.in_features, attn.to_k.in_features, attn.heads, attn.to_q.out_features // attn.heads,
-                      abits, softmax_bits, device=next(attn.parameters()).device)
-        new.to_q, new.to_k, new.to_v, new.to_out = attn.to_q, attn.to_k, attn.to_v, attn.to_out
-        return new
-
-    def attend(self, q, k, v):
-        if self.abits >= 32:
-            return super().attend(q, k, v)
-        q, k, v = self.q_quantizer(q), self.k_quantizer(k), self.v_quantizer(v)
-        probs = torch.softmax(q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5, dim=-1)
-        return self.softmax_quantizer(probs) @ v
-
-
-def swap_in(unet, wbits, abits, softmax_bits, splits=None, init=True):
-    """Replace, by name, each CrossAttention and then each Conv2d/Linear of `unet` by its quantized version, with RTN
-    codes from the float weights if `init` (a skeleton otherwise). splits: {layer name: channels of h} of the layers
-    whose input is [h, skip], by default unet.concat_splits from the config."""
-    def put(name, module):
-        parent, _, child = name.rpartition(".")
-        setattr(unet.get_submodule(parent), child, module)
-
-    for name, m in list(unet.named_modules()):
-        if type(m) is unet_lib.CrossAttention:
-            put(name, QuantCrossAttention.from_float(m, abits, softmax_bits))
-    splits = unet_lib.concat_splits(unet.config) if splits is None else splits
-    named = [(n, m) for n, m in unet.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
-    for name, m in named if len(named) < 200 or not init else sample.progress(named, "quantize layers", unit="layers"):
-        put(name, QuantLayer.from_float(m, wbits, abits, splits.get(name), init))
-    return unet
-
-
-def quantize_(unet, wbits, abits=32, softmax_bits=16, splits=None):
-    """Swap every Conv2d/Linear (and CrossAttention) of `unet` in place for a quantized one, RTN-initialised.
-    Activation quantizers stay disabled until init_activation_quantizers (or reconstruct) sets their ranges."""
-    swap_in(unet, wbits, abits, softmax_bits, splits)
-    for m in unet.modules():
-        if isinstance(m, ActQuantizer):
-            m.enabled = False
-    return unet
-
-
-def add_in_scales(module):
-    """Give each weight quantizer in `module` per-input-channel scales, ones (TuneQDM's multi-channel scale update)."""
-    for q in module.modules():
-        if isinstance(q, WeightQuantizer) and q.in_scale is None:
-            ones = torch.ones(1, q.shape[1], *[1] * (len(q.shape) - 2)).to(q.scale)
-            q.in_scale = nn.Parameter(ones, requires_grad=q.scale.requires_grad)
-    return module
-
-
-def quant_skeleton(cfg, wbits, abits=32, softmax_bits=16, device="cpu", in_scales=False):
-    """An empty quantized UNet, every tensor in its final shape (in_scale too if `in_scales`), to load a quantized
-    state dict into: built on the meta device (no FP weights ever exist), then given uninitialised storage on
-    `device` (unless that is "meta")."""
-    with torch.device("meta"):
-        unet = swap_in(unet_lib.UNet(cfg), wbits, abits, softmax_bits, init=False)
-        if in_scales:
-            add_in_scales(unet)
-    return unet if str(device) == "meta" else unet.to_empty(device=device)
-
-
-def bits_of(unet):
-    """(wbits, abits, softmax_bits) of a quantized UNet."""
-    layer = next(m for m in unet.modules() if isinstance(m, QuantLayer))
-    attn = next((m for m in unet.modules() if isinstance(m, QuantCrossAttention)), None)
-    return layer.wbits, layer.abits, 16 if attn is None else attn.softmax_bits
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -517,7 +140,7 @@ def init_activation_quantizers(module, inputs, batch_size=32, max_samples=1024, 
     """Set and enable the range of each activation quantizer in `module` from at most max_samples rows of its inputs
     (a calibration dict for a UNet, else a list of stacked positional inputs): the min and max over all batches,
     clipped by the Lp search on a random subsample of the values seen."""
-    quantizers = [m for m in module.modules() if isinstance(m, ActQuantizer)]
+    quantizers = [m for m in module.modules() if isinstance(m, qlayers.ActQuantizer)]
     stats = {m: [math.inf, -math.inf, []] for m in quantizers}
     g = torch.Generator().manual_seed(seed)
 
@@ -534,7 +157,7 @@ def init_activation_quantizers(module, inputs, batch_size=32, max_samples=1024, 
     for m in quantizers:
         lo, hi, seen = stats[m]
         if seen:                                                 # else never reached by these inputs: stays disabled
-            scale, zero_point = search_range(torch.cat(seen)[None], m.n_bits, torch.tensor([[lo]]),
+            scale, zero_point = qlayers.search_range(torch.cat(seen)[None], m.n_bits, torch.tensor([[lo]]),
                                              torch.tensor([[hi]]))
             m.scale.data.copy_(scale.view(()))
             m.zero_point.copy_(zero_point.view(()))
@@ -547,7 +170,7 @@ def recon_units(qunet):
     units = []
     for name, m in qunet.named_modules():
         inside = units and name.startswith(units[-1][0] + ".")
-        if not inside and isinstance(m, (unet_lib.ResBlock, unet_lib.BasicTransformerBlock, QuantLayer)):
+        if not inside and isinstance(m, (unet_lib.ResBlock, unet_lib.BasicTransformerBlock, qlayers.QuantLayer)):
             units.append((name, m))
     return units
 
@@ -619,7 +242,7 @@ def reconstruct(qunet, fp_unet, calib, iters=20000, act_iters=5000, batch_size=3
     try:
         bar = sample.progress(units, "AdaRound + BRECQ", unit="blocks")
         for j, (name, unit) in enumerate(bar):
-            acts = [m for m in unit.modules() if isinstance(m, ActQuantizer)]
+            acts = [m for m in unit.modules() if isinstance(m, qlayers.ActQuantizer)]
             if not (iters or acts):
                 continue
             for m in acts:
@@ -630,7 +253,7 @@ def reconstruct(qunet, fp_unet, calib, iters=20000, act_iters=5000, batch_size=3
             if iters:
                 qs = []
                 for n, layer in unit.named_modules():
-                    if isinstance(layer, QuantLayer):
+                    if isinstance(layer, qlayers.QuantLayer):
                         qs += layer.weight_quantizers()
                         fp = fp_unet.get_submodule(f"{name}.{n}" if n else name).weight.split(layer.parts, dim=1)
                         for q, w in zip(layer.weight_quantizers(), fp):
@@ -660,6 +283,18 @@ def reconstruct(qunet, fp_unet, calib, iters=20000, act_iters=5000, batch_size=3
 # the pipeline and files
 
 
+def quantize_(unet, wbits, abits=32, softmax_bits=16, splits=None):
+    """Swap every Conv2d/Linear (and CrossAttention) of `unet` in place for a quantized one, RTN-initialised.
+    Activation quantizers stay disabled until init_activation_quantizers (or reconstruct) sets their ranges."""
+    bar = (lambda layers: layers if len(layers) < 200 else
+           sample.progress(layers, "quantize layers", unit="layers"))      # SD v1: the Lp search takes minutes
+    qlayers.swap_in(unet, wbits, abits, softmax_bits, splits, each=bar)
+    for m in unet.modules():
+        if isinstance(m, qlayers.ActQuantizer):
+            m.enabled = False
+    return unet
+
+
 def quantize_model(sd, wbits, abits=32, method="adaround", calib=None, softmax_bits=16, iters=20000, act_iters=5000,
                    batch_size=32, lr=1e-3, act_lr=1e-3, seed=0):
     """A StableDiffusion sharing sd's VAE and text encoder, with a quantized copy of its UNet: RTN, then AdaRound +
@@ -675,102 +310,6 @@ def quantize_model(sd, wbits, abits=32, method="adaround", calib=None, softmax_b
     elif abits < 32:
         init_activation_quantizers(qunet, calib, batch_size, seed=seed)
     return ckpt.StableDiffusion(qunet, sd.vae, sd.text_encoder, sd.tokenizer)
-
-
-def save_quantized(sd_q, path, meta=None):
-    """One safetensors file: the quantized UNet's state dict (with in_scale only where present), the VAE and text
-    encoder as ckpt.save_compvis writes them, the model config ("qdp.config") and the quantization settings with
-    `meta` ("qdp.quant")."""
-    wbits, abits, softmax_bits = bits_of(sd_q.unet)
-    parts = {"unet": sd_q.unet.state_dict(), "vae": sd_q.vae.state_dict(),
-             "text_encoder": ckpt.canonical_text_keys(sd_q.text_encoder.state_dict())}
-    tensors = {ckpt.PREFIX[name] + k: v for name, part in parts.items() for k, v in part.items()}
-    info = json.dumps({"wbits": wbits, "abits": abits, "softmax_bits": softmax_bits, "packing": PACKING,
-                       **(meta or {})})
-    ckpt.atomic_save(tensors, path, {"format": "pt", "qdp.config": ckpt.config_json(sd_q), "qdp.quant": info,
-                                     "qdp.unet_sha256": unet_digest(parts["unet"])})
-
-
-def unet_digest(unet_sd):
-    """sha256 of a quantized UNet's tensors (integer codes, scales and the float rest), in name order: stored at
-    save and checked at load, since flipped bits in the codes would otherwise sample noise without an error."""
-    h = hashlib.sha256()
-    for k in sorted(unet_sd):
-        v = unet_sd[k].detach().contiguous().cpu()
-        h.update(k.encode() + str(v.dtype).encode() + str(tuple(v.shape)).encode())
-        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def check_quantized(want, got, bits, path):
-    """One-line CheckpointErrors for a quantized UNet state dict that does not fit its skeleton or its bit widths."""
-    missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-    wrong = [k for k in want if k in got and (got[k].shape != want[k].shape or
-                                               (got[k].dtype == torch.uint8) != (want[k].dtype == torch.uint8))]
-    if missing or unexpected or wrong:
-        say = lambda what, ks: f"{len(ks)} {what}" + (f" (e.g. {ks[0]})" if ks else "")
-        raise ckpt.CheckpointError(f"{path}: the quantized UNet does not match its config: {say('missing', missing)}, "
-                                   f"{say('unexpected', unexpected)}, {say('of the wrong shape or dtype', wrong)}; "
-                                   f"the file is incomplete, write it again with quant.py")
-    for k, v in got.items():
-        n = bits[0] if ".weight_quantizer" in k else bits[2] if "softmax_quantizer" in k else bits[1]
-        if k.endswith(".w_int") and n not in (4, 8) and int(unpack(v, n, 2 * v.shape[1]).max()) > 2**n - 1:
-            raise ckpt.CheckpointError(f"{path}: {k} holds codes above {2**n - 1}, out of range for {n} bits")
-        if k.endswith(".zero_point") and not (bool((v == v.round()).all()) and 0 <= v.min() and v.max() <= 2**n - 1):
-            raise ckpt.CheckpointError(f"{path}: {k} must hold integers in [0, {2**n - 1}] for {n} bits")
-        if k.endswith("scale") and not bool((torch.isfinite(v) & ((v > 0) | k.endswith(".in_scale"))).all()):
-            raise ckpt.CheckpointError(f"{path}: {k} holds scales that are not finite and positive")
-
-
-def build_quantized(tensors, meta, path, device="cpu", dtype=torch.float32):
-    """A StableDiffusion from the tensors and metadata of a file that save_quantized wrote (ckpt.load_sd calls it)."""
-    try:
-        info, configs = json.loads(meta["qdp.quant"]), json.loads(meta["qdp.config"])
-        bits = (int(info["wbits"]), int(info["abits"]), int(info["softmax_bits"]))
-        ucfg = ckpt.meta_cfg(unet_lib.UNetConfig(), configs["unet"])
-    except (KeyError, ValueError, TypeError) as e:
-        raise ckpt.CheckpointError(f"{path}: unreadable quantization metadata ({e}); write it again with "
-                                   f"quant.py") from None
-    if info.get("packing") != PACKING:
-        raise ckpt.CheckpointError(f"{path} comes from an older quant.py (codes packed as {info.get('packing')!r}, "
-                                   f"not {PACKING!r}); quantize the model again")
-    parts = ckpt.split_compvis(tensors)
-    if not parts["vae"] or not parts["text_encoder"]:
-        raise ckpt.CheckpointError(f"{path} lacks the VAE or the text encoder; write it again with quant.py")
-    if "qdp.unet_sha256" in meta and unet_digest(parts["unet"]) != meta["qdp.unet_sha256"]:
-        raise ckpt.CheckpointError(f"{path}: the quantized UNet's tensors do not match the checksum stored with them "
-                                   f"(the file was damaged or edited); quantize the model again or use a good copy")
-    in_scales = any(k.endswith(".in_scale") for k in parts["unet"])
-    qunet = quant_skeleton(ucfg, *bits, device="meta", in_scales=in_scales)
-    check_quantized(qunet.state_dict(), parts["unet"], bits, path)
-    ckpt.check_values(qunet.state_dict(), parts["unet"], "quantized UNet", path)
-    cast = lambda sd: {k: v.to(device, dtype if v.is_floating_point() else v.dtype) for k, v in sd.items()}
-    qunet.load_state_dict(cast(parts["unet"]), strict=True, assign=True)
-    with torch.device("meta"):
-        vae = vae_lib.AutoencoderKL(ckpt.meta_cfg(vae_lib.VAEConfig.from_state_dict(parts["vae"]), configs.get("vae")))
-    text_encoder = CLIPTextModel(ckpt.text_config(parts["text_encoder"], configs.get("text_encoder")))
-    ckpt.fill(vae, cast(parts["vae"]), "VAE", path)
-    ckpt.fill(text_encoder, ckpt.model_text_keys(cast(parts["text_encoder"]), text_encoder), "text encoder", path)
-    text_encoder.to(device=device, dtype=dtype)
-    return ckpt.StableDiffusion(qunet.eval(), vae.eval(), text_encoder.eval(), ckpt.load_tokenizer())
-
-
-def load_quantized(path, device="cpu", dtype=torch.float32):
-    tensors, meta = ckpt.read_tensors(path)
-    if "qdp.quant" not in meta:
-        raise ckpt.CheckpointError(f"{path} is not a quantized qdp file (no 'qdp.quant' metadata); make one with "
-                                   f"`python quant.py --ckpt {path}`")
-    return build_quantized(tensors, meta, path, device, dtype)
-
-
-def sha256(path):
-    """Of a file, or of a diffusers folder's files in name order."""
-    path, h = Path(path), hashlib.sha256()
-    for f in [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()):
-        with open(f, "rb") as fh:
-            while chunk := fh.read(1 << 24):
-                h.update(chunk)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -876,7 +415,7 @@ def main(argv=None):
     sample.pick_threads(args.device)
     try:
         sd = ckpt.load_sd(args.ckpt, device=args.device)
-        if any(isinstance(m, QuantLayer) for m in sd.unet.modules()):
+        if any(isinstance(m, qlayers.QuantLayer) for m in sd.unet.modules()):
             raise ckpt.CheckpointError(f"{args.ckpt} is already quantized; pass the float checkpoint it came from")
         calib = load_calibration(args.calib_data) if args.calib_data else None
     except ckpt.CheckpointError as e:
@@ -902,9 +441,9 @@ def main(argv=None):
     used = ["method", "preset", "seed", "batch_size"] + (["calib_data"] if args.calib_data else sampling)
     used += ["iters", "act_iters", "lr", "act_lr"] if args.method == "adaround" else []
     meta = {**{k: getattr(args, k) for k in used}, "calib_samples": len(calib["t"]) if calib else 0,
-            "base": Path(args.ckpt).name, "base_sha256": sha256(args.ckpt), "calib_seconds": round(t1 - t0, 1),
+            "base": Path(args.ckpt).name, "base_sha256": ckpt.sha256(args.ckpt), "calib_seconds": round(t1 - t0, 1),
             "quant_seconds": round(t2 - t1, 1)}
-    save_quantized(sd_q, args.out, meta)
+    ckpt.save_quantized(sd_q, args.out, meta)
     fp = sum(p.numel() for p in sd.unet.parameters()) * 4
     q = sum(v.numel() * v.element_size() for v in sd_q.unet.state_dict().values())
     print(f"wrote {args.out}: W{args.wbits}A{args.abits} {args.method}, {args.preset} preset, {meta['calib_samples']} "
@@ -913,5 +452,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    import quant as module  # the importable module, not this __main__ copy: ckpt.load_sd builds quantized files with
-    module.main()  # quant's QuantLayer, which a second copy's isinstance checks would not recognise
+    import quant as module  # the importable module, not a __main__ copy whose classes the other modules would not know
+    module.main()

@@ -30,6 +30,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 import ckpt
+import qlayers
 import unet as unet_lib
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -303,7 +304,7 @@ def image_grid(images):
 
 def experts_in(scales):
     """How many S2 experts train.py's output holds (1 for PEQA and full DreamBooth), from the file's header alone;
-    None if the header cannot be read (train.load_personalized then says why)."""
+    None if the header cannot be read (ckpt.load_personalized then says why)."""
     try:
         with safe_open(str(scales), framework="pt") as f:
             return int(json.loads(f.metadata()["qdp.train"]).get("n_experts", 1))
@@ -480,16 +481,14 @@ def main(argv=None):
     try:  # an export dequantizes in float32 and casts when it writes
         sd = ckpt.load_sd(args.ckpt, device=args.device, dtype=torch.float32 if args.export else dtype)
         if args.scales:
-            import train  # train imports this module
-            sd = train.load_personalized(sd, args.scales, base_path=args.ckpt)
+            sd = ckpt.load_personalized(sd, args.scales, base_path=args.ckpt)
             if args.expert is not None:  # one expert's scales, in place for every t
                 sd.unet.use(args.expert)
                 sd.unet = sd.unet.unet
     except ckpt.CheckpointError as e:
         sys.exit(f"error: {e}")
     if args.export:
-        import quant
-        layer = next((m for m in sd.unet.modules() if isinstance(m, quant.QuantLayer)), None)
+        layer = next((m for m in sd.unet.modules() if isinstance(m, qlayers.QuantLayer)), None)
         if layer is not None and layer.abits < 32:
             print(f"warning: {args.ckpt} quantizes activations to {layer.abits} bits, which a plain checkpoint cannot "
                   f"express; the export computes with float activations (W{layer.wbits}A32)", file=sys.stderr)

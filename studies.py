@@ -42,7 +42,6 @@ from safetensors.torch import load_file
 
 import ckpt
 import eval as metrics
-import quant
 import train
 
 ROOT = Path(__file__).resolve().parent
@@ -181,7 +180,7 @@ def jobs_for(variants, subjects, classes, files, args, folder="runs"):
     two studies that need the same run share it (the trade-off's runs, scored on the way, live apart)."""
     settings = {k: getattr(args, k) for k in ("n_prompts", "n_images", "num_inference_steps", "seed",
                                               "num_class_images")}
-    settings["toy_sha256"] = quant.sha256(ckpt.TOY_CKPT)     # cached scores of another toy model are not reused
+    settings["toy_sha256"] = ckpt.sha256(ckpt.TOY_CKPT)     # cached scores of another toy model are not reused
     jobs = []
     for s in subjects:
         for name, (base, method, prior, steps) in variants.items():

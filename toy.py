@@ -480,7 +480,6 @@ def draw_subjects(sd_model, prompt, n_images, steps, guidance_scale, seed, perso
     """n_images samples of `prompt` (formatted with the class) per subject, and the subject of each. With
     `personalized` (a train.py output path with {subject} in it), each subject's own run is loaded into a fresh
     copy of the base model at `base_path`; subjects without a run are left out."""
-    import train
     images, labels = [], []
     for k, (name, subj) in enumerate(world.SUBJECTS.items()):
         model = sd_model
@@ -488,7 +487,7 @@ def draw_subjects(sd_model, prompt, n_images, steps, guidance_scale, seed, perso
             path = Path(personalized.format(subject=name))
             if not path.is_file():
                 continue
-            model = train.load_personalized(ckpt.load_sd(base_path), path, base_path=base_path)
+            model = ckpt.load_personalized(ckpt.load_sd(base_path), path, base_path=base_path)
         images += sample.generate(model, prompt.format(subj.cls), seed=seed + 100 + k, num_inference_steps=steps,
                                   guidance_scale=guidance_scale, height=SIZE, width=SIZE,
                                   num_images_per_prompt=n_images)

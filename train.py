@@ -42,6 +42,7 @@ except ImportError:
     fcntl = None
 
 import ckpt
+import qlayers
 import quant
 import sample
 import unet as unet_lib
@@ -211,50 +212,8 @@ def expert_bounds(n_experts, boundaries=None):
     return [0, *inner, sample.NUM_TRAIN_TIMESTEPS]
 
 
-def expert_of(t, bounds):
-    """Raw timesteps t (B,) -> the index of the expert that owns each."""
-    return torch.bucketize(t, torch.tensor(bounds[1:-1], device=t.device), right=True)
-
-
-class ExpertUNet(nn.Module):
-    """S2: one frozen integer UNet and K scale sets. Each sample of a batch runs with the expert of its own t:
-    samples are grouped by expert, each group runs with its expert's scales put in place, and the outputs return to
-    batch order. An expert outside the batch is not in the graph, so it gets no gradient and AdamW leaves it alone."""
-
-    def __init__(self, unet, experts, bounds):
-        super().__init__()
-        self.unet, self.experts, self.bounds = unet, experts, bounds   # experts: K x {scale name: Parameter}
-        self.quantizers = {n: m for n, m in unet.named_modules() if isinstance(m, quant.WeightQuantizer)}
-
-    @property
-    def config(self):
-        return self.unet.config
-
-    def use(self, k):
-        for name, scale in self.experts[k].items():
-            quantizer, attr = name.rsplit(".", 1)     # attr: scale or in_scale
-            setattr(self.quantizers[quantizer], attr, scale)   # a Parameter re-registers in place of the last
-
-    def forward(self, x, t, ctx):
-        t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
-        owner = expert_of(t, self.bounds)
-        out, order = [], []
-        for k in owner.unique().tolist():
-            idx = torch.nonzero(owner == k).flatten()
-            self.use(k)
-            out.append(self.unet(x[idx], t[idx], ctx[idx]))
-            order.append(idx)
-        return torch.cat(out)[torch.argsort(torch.cat(order))]
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # what trains
-
-
-def scale_params(unet):
-    """{name: Parameter} of every WeightQuantizer's `scale` and, where it has one, `in_scale`: all that PEQA trains."""
-    return {f"{n}.{a}": p for n, m in unet.named_modules() if isinstance(m, quant.WeightQuantizer)
-            for a, p in (("scale", m.scale), ("in_scale", m.in_scale)) if p is not None}
 
 
 def trainable(sd, method, n_experts, bounds, multi_channel=False):
@@ -266,8 +225,8 @@ def trainable(sd, method, n_experts, bounds, multi_channel=False):
         unet.requires_grad_(True)
         return unet, dict(unet.named_parameters())
     if multi_channel:
-        quant.add_in_scales(unet)
-    scales = scale_params(unet)
+        qlayers.add_in_scales(unet)
+    scales = qlayers.scale_params(unet)
     if not scales:
         raise TrainingError("--ckpt holds a full-precision UNet; quantize it first (python quant.py --ckpt ... "
                             "--out q.safetensors) or train it with --method full")
@@ -277,7 +236,7 @@ def trainable(sd, method, n_experts, bounds, multi_channel=False):
         return unet, scales
     experts = [{n: nn.Parameter(p.detach().clone()) for n, p in scales.items()} for _ in range(n_experts)]
     params = {f"expert.{k}.{n}": p for k, e in enumerate(experts) for n, p in e.items()}
-    return ExpertUNet(unet, experts, bounds), params
+    return qlayers.ExpertUNet(unet, experts, bounds), params
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -328,8 +287,8 @@ def train_step(model, batch, precision=None, scaler=None):
     backward with its expert's scales in place: gradient checkpointing recomputes blocks during backward, and must
     see the same scales as the forward did. Gradients of the groups add up to the whole batch's."""
     t, mse = batch["t"], torch.zeros(len(batch["t"]))
-    if isinstance(model, ExpertUNet):
-        owner = expert_of(t, model.bounds)
+    if isinstance(model, qlayers.ExpertUNet):
+        owner = qlayers.expert_of(t, model.bounds)
         groups = [(k, torch.nonzero(owner == k).flatten()) for k in owner.unique().tolist()]
     else:
         groups = [(None, torch.arange(len(t), device=t.device))]
@@ -415,40 +374,6 @@ def load_state(path, params, optimizer, rng, config):
     return int(meta["step"])
 
 
-def load_personalized(sd, path, base_path=None):
-    """Put train.py's output into a loaded base model: scales (PEQA), experts (S2: sd.unet becomes an ExpertUNet)
-    or full UNet weights. With `base_path`, checks that it is the model the run started from."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise ckpt.CheckpointError(f"cannot read {path} ({e}); pass the personalized.safetensors train.py wrote")
-    if "qdp.train" not in meta:
-        raise ckpt.CheckpointError(f"{path} is not a train.py output (no qdp.train metadata)")
-    config = json.loads(meta["qdp.train"])
-    if base_path is not None and quant.sha256(base_path) != config["base_sha256"]:
-        raise ckpt.CheckpointError(f"{path} was trained on another base model ({config['ckpt']}); pass that "
-                                   "file as --ckpt")
-    unet = sd.unet
-    if config["method"] == "full":
-        unet.load_state_dict(tensors)                # copies into the model's own device and dtype
-        return sd
-    if config.get("multi_channel"):
-        quant.add_in_scales(unet)
-    if config["n_experts"] == 1:
-        own = scale_params(unet)
-        with torch.no_grad():
-            for n, v in tensors.items():
-                own[n].copy_(v)
-        return sd
-    own, experts = scale_params(unet), [{} for _ in range(config["n_experts"])]
-    for n, v in tensors.items():
-        k, name = n.split(".", 2)[1:]                # expert.{k}.{quantizer name}.{scale or in_scale}
-        experts[int(k)][name] = nn.Parameter(v.to(own[name]), requires_grad=False)
-    sd.unet = ExpertUNet(unet, experts, config["bounds"])
-    return sd
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # the run
 
@@ -482,7 +407,7 @@ def default_quantized(path=Path("runs/toy_w4a8.safetensors"), bits=("--wbits", "
     if path.is_file():
         with safe_open(str(path), framework="pt") as f:
             base = json.loads((f.metadata() or {}).get("qdp.quant", "{}")).get("base_sha256")
-        stale = base != quant.sha256(ckpt.TOY_CKPT)
+        stale = base != ckpt.sha256(ckpt.TOY_CKPT)
     if not path.is_file() or stale:
         print(f"quantizing the toy model ({' '.join(bits)}) into {path} "
               + ("(again: the toy model changed since it was made)" if stale else "(once)"))
@@ -496,7 +421,7 @@ def resolve_defaults(args, sd):
     if args.learning_rate is None:
         args.learning_rate = d["full_learning_rate" if args.method == "full" else "learning_rate"]
         if args.method == "peqa":          # the defaults are W4's; a b-bit scale is 15 / (2^b - 1) times as large,
-            args.learning_rate *= 15 / (2 ** quant.bits_of(sd.unet)[0] - 1)   # so each step moves it as far
+            args.learning_rate *= 15 / (2 ** qlayers.bits_of(sd.unet)[0] - 1)   # so each step moves it as far
     args.max_train_steps = args.max_train_steps or d["max_train_steps"]
     args.resolution = args.resolution or sample.vae_scale_factor(sd.vae) * sd.unet.config.sample_size
 
@@ -559,7 +484,7 @@ def run(args):
     out = Path(args.output_dir)
     if args.ckpt is None:
         args.ckpt = str(ckpt.TOY_CKPT if args.method == "full" else default_quantized())
-    args.base_sha256 = quant.sha256(args.ckpt)
+    args.base_sha256 = ckpt.sha256(args.ckpt)
     sd = ckpt.load_sd(args.ckpt, device=args.device)
     resolve_defaults(args, sd)
     torch.manual_seed(args.seed)

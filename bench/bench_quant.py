@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ckpt  # noqa: E402
+import qlayers  # noqa: E402
 import quant  # noqa: E402
 import unet as unet_lib  # noqa: E402
 
@@ -49,7 +50,7 @@ def inputs(batch, size):
 @torch.no_grad()
 def random_quantized(wbits):
     """A quantized SD v1 UNet with random codes, built without any float weight."""
-    model = quant.quant_skeleton(unet_lib.sd_v1(), wbits, 32)
+    model = qlayers.quant_skeleton(unet_lib.sd_v1(), wbits, 32)
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if name.endswith("w_int"):
             t.random_(0, 256)
@@ -115,7 +116,7 @@ def main():
         mem[name] = [float(v) for v in out.stdout.split()]
 
     fp = unet_lib.UNet(unet_lib.sd_v1()).eval()
-    quant.RATIOS = [1.0]                                         # min/max range: see the docstring
+    qlayers.RATIOS = [1.0]                                         # min/max range: see the docstring
     models = {name: fp if bits == 32 else quant.quantize_(copy.deepcopy(fp), bits).eval()
               for name, bits in MODELS.items()}
     x, t, ctx = inputs(args.batch, args.size)

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ckpt  # noqa: E402
-import quant  # noqa: E402
+import qlayers  # noqa: E402
 import train  # noqa: E402
 import unet as unet_lib  # noqa: E402
 
@@ -49,7 +49,7 @@ def build(method, wbits, abits, device):
     if method == "full":
         with torch.device(device):
             return unet_lib.UNet(cfg)
-    unet = quant.quant_skeleton(cfg, wbits, abits, device=device)
+    unet = qlayers.quant_skeleton(cfg, wbits, abits, device=device)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, t in unet.state_dict().items():
@@ -62,7 +62,7 @@ def build(method, wbits, abits, device):
             else:
                 t.normal_(0, 0.02, generator=g) if t.device.type == "cpu" else t.normal_(0, 0.02)
     for m in unet.modules():
-        if isinstance(m, quant.ActQuantizer):
+        if isinstance(m, qlayers.ActQuantizer):
             m.enabled = True
     return unet
 
@@ -72,7 +72,7 @@ def counts():
     print("| case | trainable numbers | per expert |\n|---|---|---|")
     for case, (method, wbits, abits, experts, multi) in CASES.items():
         with torch.device("meta"):
-            unet = unet_lib.UNet(unet_lib.sd_v1()) if method == "full" else quant.quant_skeleton(
+            unet = unet_lib.UNet(unet_lib.sd_v1()) if method == "full" else qlayers.quant_skeleton(
                 unet_lib.sd_v1(), wbits, abits, device="meta")
         _, params = train.trainable(ckpt.StableDiffusion(unet, None, None, None), method, experts,
                                     train.expert_bounds(experts), multi)

@@ -40,7 +40,7 @@ def files(tmp_path_factory):
                        ("int", lambda v: v.round().long()), ("bool", lambda v: v > 0)):
         save_file({**tensors, WEIGHT: edit(tensors[WEIGHT])}, str(d / f"{name}.safetensors"), metadata=meta)
     sd.unet = quant.quantize_(sd.unet, 4)
-    quant.save_quantized(sd, d / "q.safetensors")
+    ckpt.save_quantized(sd, d / "q.safetensors")
     tensors, meta = load_file(d / "q.safetensors"), safe_open(str(d / "q.safetensors"), "pt").metadata()
     codes = "model.diffusion_model.out.2.weight_quantizer.w_int"
     flipped = tensors[codes].clone()

@@ -13,6 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import ckpt
+import qlayers
 import quant
 import refs
 import sample
@@ -64,9 +65,9 @@ def test_calibration_covers_the_trajectory(calib):
 def test_pack_unpack_is_exact(n_bits, k):
     """Packing then unpacking gives back every code, for odd lengths too; 4 bits or fewer take half a byte each."""
     codes = torch.randint(0, 2**n_bits, (5, k), dtype=torch.uint8)
-    packed = quant.pack(codes, n_bits)
+    packed = qlayers.pack(codes, n_bits)
     assert packed.dtype == torch.uint8 and packed.shape == (5, (k + 1) // 2 if n_bits <= 4 else k)
-    assert torch.equal(quant.unpack(packed, n_bits, k), codes)
+    assert torch.equal(qlayers.unpack(packed, n_bits, k), codes)
 
 
 @pytest.mark.parametrize("n_bits", [4, 8])
@@ -74,7 +75,7 @@ def test_rtn_error_is_at_most_half_a_step(n_bits):
     """Inside each channel's clipping range [scale (0 - zero_point), scale (2^b - 1 - zero_point)], rounding to
     nearest moves a weight by at most half a step; the same holds for an activation quantizer's range."""
     w = torch.randn(16, 8, 3, 3) * torch.rand(16, 1, 1, 1)
-    q = quant.WeightQuantizer(w.shape, n_bits)
+    q = qlayers.WeightQuantizer(w.shape, n_bits)
     q.init_rtn(w)
     s, z, flat = q.scale, q.zero_point, w.flatten(1)
     inside = (flat >= s * -z) & (flat <= s * (q.qmax - z))
@@ -82,7 +83,7 @@ def test_rtn_error_is_at_most_half_a_step(n_bits):
     assert inside.float().mean() > 0.8
     assert (err <= s / 2 * (1 + 1e-5))[inside].all()
     x = torch.randn(4, 3, 10, 10) * 3
-    a = quant.ActQuantizer(n_bits)
+    a = qlayers.ActQuantizer(n_bits)
     quant.init_activation_quantizers(nn.Sequential(a, nn.Identity(), nn.Conv2d(3, 3, 1)), [x], 2)
     inside = (x >= a.scale * -a.zero_point) & (x <= a.scale * (2**n_bits - 1 - a.zero_point))
     assert a.enabled and ((a(x) - x).abs() <= a.scale / 2 * (1 + 1e-5))[inside].all()
@@ -91,7 +92,7 @@ def test_rtn_error_is_at_most_half_a_step(n_bits):
 def test_soft_rounding_equals_the_fraction_at_init():
     """AdaRound starts where the float weight is: h(alpha) = frac(w / scale), so the soft weight equals w in range."""
     w = torch.randn(6, 20)
-    q = quant.WeightQuantizer(w.shape, 4)
+    q = qlayers.WeightQuantizer(w.shape, 4)
     q.init_rtn(w)
     q.start_adaround(w)
     v = w / q.scale
@@ -104,7 +105,7 @@ def test_hard_codes_stay_in_range_and_alpha_is_gone():
     """After hardening, codes are floor(w / scale) + [alpha >= 0] + zero_point clamped to [0, 2^b - 1]; alpha and
     w_floor are None again and the state dict holds exactly what a fresh quantizer holds."""
     w = torch.randn(6, 9, 3, 3) * 2
-    q = quant.WeightQuantizer(w.shape, 4)
+    q = qlayers.WeightQuantizer(w.shape, 4)
     q.init_rtn(w)
     q.start_adaround(w * 1.5)                                    # pushes some codes past the range
     with torch.no_grad():
@@ -115,7 +116,7 @@ def test_hard_codes_stay_in_range_and_alpha_is_gone():
     assert codes.dtype == torch.uint8 and int(codes.max()) <= 15 and (want == 15).any() and (want == 0).any()
     assert torch.equal(codes.float(), want)
     assert q.alpha is None and q.w_floor is None and not list(q.parameters())[1:]   # only scale is left
-    assert q.state_dict().keys() == quant.WeightQuantizer(w.shape, 4).state_dict().keys()
+    assert q.state_dict().keys() == qlayers.WeightQuantizer(w.shape, 4).state_dict().keys()
 
 
 def test_split_layer_equals_unsplit_math():
@@ -123,10 +124,10 @@ def test_split_layer_equals_unsplit_math():
     unsplit conv computes, in the inference path and in the training path."""
     conv = nn.Conv2d(10, 6, 3, padding=1)
     x = torch.randn(2, 10, 5, 5)
-    whole, split = quant.QuantConv2d.from_float(conv, 4, 8), quant.QuantConv2d.from_float(conv, 4, 8, split=4)
+    whole, split = qlayers.QuantConv2d.from_float(conv, 4, 8), qlayers.QuantConv2d.from_float(conv, 4, 8, split=4)
     codes = whole.weight_quantizer.codes().view(6, 10, 9)
     for q, c in zip(split.weight_quantizers(), (codes[:, :4], codes[:, 4:])):
-        q.w_int.copy_(quant.pack(c.flatten(1), 4))
+        q.w_int.copy_(qlayers.pack(c.flatten(1), 4))
         q.scale.data.copy_(whole.weight_quantizer.scale)
         q.zero_point.copy_(whole.weight_quantizer.zero_point)
     quant.init_activation_quantizers(whole, [x], 2)
@@ -145,8 +146,8 @@ def test_quantize_swaps_every_layer_and_matches_the_skeleton(w4a8):
     assert not [n for n, m in qunet.named_modules() if type(m) is unet_lib.CrossAttention]
     assert {n for n, m in qunet.named_modules() if getattr(m, "split", None)} == set(unet_lib.concat_splits(CFG))
     assert {"time_embed.0", "input_blocks.0.0", "out.2"} <= {n for n, m in qunet.named_modules()
-                                                             if isinstance(m, quant.QuantLayer)}
-    got, want = qunet.state_dict(), quant.quant_skeleton(CFG, 4, 8, 16).state_dict()
+                                                             if isinstance(m, qlayers.QuantLayer)}
+    got, want = qunet.state_dict(), qlayers.quant_skeleton(CFG, 4, 8, 16).state_dict()
     assert got.keys() == want.keys()
     assert all(got[k].shape == want[k].shape and got[k].dtype == want[k].dtype for k in got)
     assert all(v.dtype == torch.uint8 for k, v in got.items() if k.endswith("w_int"))
@@ -155,12 +156,12 @@ def test_quantize_swaps_every_layer_and_matches_the_skeleton(w4a8):
 def test_inference_path_equals_the_dequantized_weight():
     """The fast path (scratch buffer, bit ops) writes exactly scale * (codes - zero_point), odd lengths included, and
     times in_scale once a layer has per-input-channel scales (each part of a split layer its own)."""
-    for layer in (quant.QuantLinear.from_float(nn.Linear(7, 5), 4, 32),
-                  quant.QuantConv2d.from_float(nn.Conv2d(6, 4, 3), 4, 32, split=2),
-                  quant.QuantConv2d.from_float(nn.Conv2d(6, 4, 1), 8, 32)):
+    for layer in (qlayers.QuantLinear.from_float(nn.Linear(7, 5), 4, 32),
+                  qlayers.QuantConv2d.from_float(nn.Conv2d(6, 4, 3), 4, 32, split=2),
+                  qlayers.QuantConv2d.from_float(nn.Conv2d(6, 4, 1), 8, 32)):
         for multi in (False, True):
             if multi:
-                quant.add_in_scales(layer)
+                qlayers.add_in_scales(layer)
                 for q in layer.weight_quantizers():
                     assert q.in_scale.shape == (1, q.shape[1]) + (1,) * (len(q.shape) - 2)
                     q.in_scale.data.uniform_(0.5, 1.5)
@@ -182,14 +183,14 @@ def test_function_gradients_match_autograd(kind, multi):
                       "linear": ((4, 5), None, (2, 3, 5))}[kind]
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(0, 16, (shape[0], torch.Size(shape[1:]).numel()), generator=g, dtype=torch.uint8)
-    w_int, zp = quant.pack(codes, 4), torch.randint(0, 16, (shape[0], 1), generator=g).double()
+    w_int, zp = qlayers.pack(codes, 4), torch.randint(0, 16, (shape[0], 1), generator=g).double()
     x = torch.randn(x, generator=g, dtype=torch.float64, requires_grad=True)
     scale = (torch.rand(shape[0], 1, generator=g, dtype=torch.float64) + 0.1).requires_grad_()
     bias = torch.randn(shape[0], generator=g, dtype=torch.float64, requires_grad=True)
     in_shape = (1, shape[1]) + (1,) * (len(shape) - 2)
     in_scale = (torch.rand(in_shape, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
     args = (x, scale, bias, in_scale) if multi else (x, scale, bias)
-    fn = lambda x, scale, bias, in_scale=None: quant.QuantWeightFn.apply(x, w_int, scale, zp, in_scale, bias, 4,
+    fn = lambda x, scale, bias, in_scale=None: qlayers.QuantWeightFn.apply(x, w_int, scale, zp, in_scale, bias, 4,
                                                                           shape, conv)
     assert torch.autograd.gradcheck(fn, args)
     out = fn(*args)
@@ -204,7 +205,7 @@ def test_function_gradients_match_autograd(kind, multi):
 def test_layer_trains_only_scale_through_the_function():
     """With scale requiring grad (PEQA), the layer's forward goes through QuantWeightFn, matches the inference output,
     and gives scale a gradient while the codes stay uint8 buffers."""
-    layer = quant.QuantConv2d.from_float(nn.Conv2d(4, 3, 3, padding=1), 4, 32)
+    layer = qlayers.QuantConv2d.from_float(nn.Conv2d(4, 3, 3, padding=1), 4, 32)
     layer.bias.requires_grad_(False)
     x = torch.randn(2, 4, 6, 6)
     out = layer(x)
@@ -244,10 +245,10 @@ def test_save_load_is_bit_identical(w4a8, calib, tmp_path):
     """A W4A8 file loads (through ckpt.load_sd, into a skeleton, with no forward first) to the same state dict and the
     same outputs bit for bit; the state dict loads strictly into quant_skeleton too."""
     path = tmp_path / "q.safetensors"
-    quant.save_quantized(w4a8, path, {"method": "rtn"})
+    ckpt.save_quantized(w4a8, path, {"method": "rtn"})
     loaded = ckpt.load_sd(path)
-    assert isinstance(loaded.unet.get_submodule("out.2"), quant.QuantConv2d)
-    skeleton = quant.quant_skeleton(CFG, 4, 8, 16)
+    assert isinstance(loaded.unet.get_submodule("out.2"), qlayers.QuantConv2d)
+    skeleton = qlayers.quant_skeleton(CFG, 4, 8, 16)
     skeleton.load_state_dict(w4a8.unet.state_dict())
     x, t, ctx = calib["x"][:4], calib["t"][:4], calib["ctx"][:4]
     with torch.no_grad():
@@ -261,12 +262,12 @@ def test_in_scales_save_and_load(w4a8, calib, tmp_path):
     """Per-input-channel scales are written only when a model has them, and a file with them loads (the skeleton grows
     them from the file's keys) to the same tensors and outputs."""
     assert not [k for k in w4a8.unet.state_dict() if "in_scale" in k]
-    unet = quant.add_in_scales(copy.deepcopy(w4a8.unet))
+    unet = qlayers.add_in_scales(copy.deepcopy(w4a8.unet))
     for m in unet.modules():
-        if isinstance(m, quant.WeightQuantizer):
+        if isinstance(m, qlayers.WeightQuantizer):
             m.in_scale.data.uniform_(0.5, 1.5)
     path = tmp_path / "q.safetensors"
-    quant.save_quantized(ckpt.StableDiffusion(unet, w4a8.vae, w4a8.text_encoder, w4a8.tokenizer), path)
+    ckpt.save_quantized(ckpt.StableDiffusion(unet, w4a8.vae, w4a8.text_encoder, w4a8.tokenizer), path)
     loaded = ckpt.load_sd(path).unet
     want, got = unet.state_dict(), loaded.state_dict()
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
@@ -281,7 +282,7 @@ def test_load_errors_are_one_line(w4a8, tmp_path):
     CheckpointError; so do flipped bits in the integer codes, which only the stored checksum can tell. The edits
     but the last drop the checksum, as a file edited by another tool would, to reach the checks behind it."""
     path = tmp_path / "q.safetensors"
-    quant.save_quantized(w4a8, path)
+    ckpt.save_quantized(w4a8, path)
     data, meta = path.read_bytes(), safe_open(str(path), "pt").metadata()
     cases = {"truncated": data[:len(data) // 2]}
     tensors, key = load_file(path), "model.diffusion_model.out.2.weight_quantizer.w_int"
@@ -297,7 +298,7 @@ def test_load_errors_are_one_line(w4a8, tmp_path):
     for name, blob in cases.items():
         (tmp_path / f"{name}.safetensors").write_bytes(blob)
         with pytest.raises(ckpt.CheckpointError) as e:
-            quant.load_quantized(tmp_path / f"{name}.safetensors")
+            ckpt.load_quantized(tmp_path / f"{name}.safetensors")
         message = str(e.value)
         assert "\n" not in message
         assert {"truncated": "truncated", "missing": key[len("model.diffusion_model."):],

@@ -222,8 +222,8 @@ def test_cli_smoke(tiny_pipe, tmp_path):
 
 import warnings  # noqa: E402
 
+import qlayers  # noqa: E402
 import quant  # noqa: E402
-import train  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from test_train import RES, files, run, tiny_sd  # noqa: E402, F401 (files: a module fixture)
 
@@ -256,8 +256,8 @@ def test_export_compvis_equals_the_personalized_model(files, s2_scales, multi, t
     sample.main(["--ckpt", q, "--scales", str(s2_scales[multi]), "--expert", "1", "--export", str(out),
                  "--export_dtype", "fp32", "--out", str(tmp_path / "x.png")])
     merged, base = ckpt.load_sd(out), ckpt.load_sd(q)
-    assert not any(isinstance(m, quant.QuantLayer) for m in merged.unet.modules())
-    personalized = train.load_personalized(ckpt.load_sd(q), s2_scales[multi])
+    assert not any(isinstance(m, qlayers.QuantLayer) for m in merged.unet.modules())
+    personalized = ckpt.load_personalized(ckpt.load_sd(q), s2_scales[multi])
     x, t, ctx = unet_inputs()
     with torch.no_grad():
         want = personalized.unet(x, t, ctx)
@@ -275,7 +275,7 @@ def test_export_diffusers_folder_opens_in_diffusers(tmp_path, capsys):
     diffusers = pytest.importorskip("diffusers")
     sd = tiny_sd()
     sd.unet = quant.quantize_(sd.unet, 4, 8)
-    quant.save_quantized(sd, tmp_path / "w4a8.safetensors")
+    ckpt.save_quantized(sd, tmp_path / "w4a8.safetensors")
     ours = quant.quantize_(tiny_sd().unet, 4)
     sample.main(["--ckpt", str(tmp_path / "w4a8.safetensors"), "--export", str(tmp_path / "d"), "--export_dtype",
                  "fp32"])

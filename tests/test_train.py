@@ -97,13 +97,13 @@ def test_uniform_experts_match_the_official_rule():
     """Uniform bounds give expert floor(t*K/1000) for every t, as the official code computes it."""
     t = torch.arange(1000)
     for k in (1, 2, 3, 4, 7, 8):
-        assert torch.equal(train.expert_of(t, train.expert_bounds(k)), t * k // 1000)
+        assert torch.equal(qlayers.expert_of(t, train.expert_bounds(k)), t * k // 1000)
 
 
 def test_given_boundaries_and_content_interval():
     """Given inner bounds split t where they say; the default content interval is SD's SNR band [1e-2, 1]."""
     b = train.expert_bounds(3, [100, 600])
-    assert train.expert_of(torch.tensor([0, 99, 100, 599, 600, 999]), b).tolist() == [0, 0, 1, 1, 2, 2]
+    assert qlayers.expert_of(torch.tensor([0, 99, 100, 599, 600, 999]), b).tolist() == [0, 0, 1, 1, 2, 2]
     lo, hi = train.content_interval()
     import sample
     a = sample.alphas_cumprod()
@@ -125,6 +125,7 @@ def test_auto_interval_rule():
 # runs on a tiny quantized model
 
 import ckpt  # noqa: E402
+import qlayers  # noqa: E402
 import quant  # noqa: E402
 import refs  # noqa: E402
 import unet as unet_lib  # noqa: E402
@@ -146,7 +147,7 @@ def files(tmp_path_factory):
     sd = tiny_sd()
     ckpt.save_compvis(sd, d / "fp.safetensors")
     sd.unet = quant.quantize_(sd.unet, 4)
-    quant.save_quantized(sd, d / "q.safetensors")
+    ckpt.save_quantized(sd, d / "q.safetensors")
     (d / "photos").mkdir()
     g = np.random.default_rng(0)
     for i in range(3):
@@ -170,7 +171,7 @@ def test_peqa_trains_only_the_scales(files, tmp_path):
     """PEQA's output holds every weight scale and nothing else; applied to the base, only those scales differ."""
     out, losses = run(files, tmp_path / "run")
     base = quant_state(files / "q.safetensors")
-    sd = train.load_personalized(ckpt.load_sd(files / "q.safetensors"), out, files / "q.safetensors")
+    sd = ckpt.load_personalized(ckpt.load_sd(files / "q.safetensors"), out, files / "q.safetensors")
     after = sd.unet.state_dict()
     changed = sorted(k for k in base if not torch.equal(base[k], after[k]))
     expected = sorted(n for n in base if ".weight_quantizer" in n and n.endswith(".scale"))
@@ -182,7 +183,7 @@ def test_multi_channel_trains_scales_and_in_scales(files, tmp_path):
     layer its own); applied to the base, the scales change, the in_scales appear, and nothing else moves."""
     out, _ = run(files, tmp_path / "mc", "--multi_channel")
     base = quant_state(files / "q.safetensors")
-    sd = train.load_personalized(ckpt.load_sd(files / "q.safetensors"), out, files / "q.safetensors")
+    sd = ckpt.load_personalized(ckpt.load_sd(files / "q.safetensors"), out, files / "q.safetensors")
     after = sd.unet.state_dict()
     scales = sorted(n for n in base if ".weight_quantizer" in n and n.endswith(".scale"))
     assert sorted(set(after) - set(base)) == sorted(n[:-len("scale")] + "in_scale" for n in scales)
@@ -428,7 +429,7 @@ def test_sample_cli_with_scales(files, tmp_path, multi):
                  str(tmp_path / "x.png")])
     assert Image.open(tmp_path / "x.png").size == (RES, RES)
     with pytest.raises(ckpt.CheckpointError, match="another base model"):
-        train.load_personalized(ckpt.load_sd(files / "q.safetensors"), out, files / "fp.safetensors")
+        ckpt.load_personalized(ckpt.load_sd(files / "q.safetensors"), out, files / "fp.safetensors")
 
 
 @pytest.mark.parametrize("method", ["peqa", "full"])
@@ -452,7 +453,7 @@ def test_default_quantized_base_follows_the_toy_model(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(train.quant, "main", lambda argv: calls.append(argv))
     path = tmp_path / "toy_w4a8.safetensors"
-    for sha in (train.quant.sha256(ckpt.TOY_CKPT), "0" * 64):
+    for sha in (train.ckpt.sha256(ckpt.TOY_CKPT), "0" * 64):
         save_file({"x": torch.zeros(1)}, str(path), metadata={"qdp.quant": json.dumps({"base_sha256": sha})})
         assert train.default_quantized(path) == path
     assert len(calls) == 1 and "--overwrite" in calls[0] and str(path) in calls[0]
