@@ -37,7 +37,7 @@ import unet as unet_lib
 import world
 
 TOY_DATASET = Path(__file__).resolve().parent / "assets" / "toy" / "dreambooth"
-METHODS = {"baseline": [], "s1": ["--t_range", "content"], "s2": ["--n_experts", "4"]}
+METHODS = {"baseline": {}, "s1": {"t_range": "content"}, "s2": {"n_experts": 4}}   # train.py settings
 
 
 def check_reuse(out, settings):
@@ -69,10 +69,8 @@ def quantize(args, out):
     t0 = time.time()
     begin(1, "quantize", f"W{args.wbits}A{args.abits} with AdaRound" + (f", reusing {path}" if path.is_file() else ""))
     if not path.is_file():
-        extra = [] if args.quant_iters is None else ["--iters", str(args.quant_iters), "--act_iters",
-                                                      str(args.quant_iters)]
-        quant.main(["--ckpt", str(args.ckpt), "--wbits", str(args.wbits), "--abits", str(args.abits),
-                    "--device", args.device, "--out", str(path), *extra])
+        quant.quantize(ckpt=args.ckpt, wbits=args.wbits, abits=args.abits, device=args.device, out=path,
+                       iters=args.quant_iters, act_iters=args.quant_iters)
     stage(1, "quantize", f"W{args.wbits}A{args.abits} AdaRound in {time.time() - t0:.0f} s -> {path}")
     return path
 
@@ -87,16 +85,12 @@ def personalize(args, base, out, subject_dir, cls):
         run = out / method
         t0 = time.time()
         if not (run / train.OUT_FILE).is_file():
-            argv = ["--ckpt", str(base), "--instance_data_dir", str(subject_dir),
-                    "--instance_prompt", f"a photo of {args.token} {cls}", "--with_prior_preservation",
-                    "--class_prompt", f"a photo of a {cls}", "--class_data_dir", str(out / "class_images"),
-                    "--num_class_images", str(args.num_class_images), "--output_dir", str(run),
-                    "--seed", str(args.seed), "--device", args.device, *METHODS[method]]
-            if args.max_train_steps:
-                argv += ["--max_train_steps", str(args.max_train_steps)]
-            if (run / train.STATE_FILE).is_file():
-                argv.append("--resume")
-            train.train(train.parse_args(argv))
+            train.personalize(ckpt=base, instance_data_dir=subject_dir,
+                              instance_prompt=f"a photo of {args.token} {cls}", with_prior_preservation=True,
+                              class_prompt=f"a photo of a {cls}", class_data_dir=out / "class_images",
+                              num_class_images=args.num_class_images, output_dir=run, seed=args.seed,
+                              device=args.device, max_train_steps=args.max_train_steps or None,
+                              resume=(run / train.STATE_FILE).is_file(), **METHODS[method])
             (run / "seconds.txt").write_text(f"{time.time() - t0:.1f}\n")
         runs[method] = run / train.OUT_FILE
     seconds = {m: float((out / m / "seconds.txt").read_text()) for m in runs if (out / m / "seconds.txt").is_file()}

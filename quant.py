@@ -316,7 +316,9 @@ def quantize_model(sd, wbits, abits=32, method="adaround", calib=None, softmax_b
 # command line
 
 
-def parse_args(argv=None):
+def parse_args(argv=None, **flags):
+    """The settings from the command line (argv), or from keyword arguments named as the flags
+    (parse_args(wbits=4, abits=8, out="q.safetensors")): the same defaults and checks either way."""
     parser = argparse.ArgumentParser(description="Quantize an SD v1 UNet to integer weights (Q-Diffusion).",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     preset = lambda k: f"unset: the preset's ({', '.join(f'{name} {v[k]:g}' for name, v in PRESETS.items())})"
@@ -360,7 +362,7 @@ def parse_args(argv=None):
     parser.add_argument("--out", default=None, help="output .safetensors file; "
                         "unset: out/<ckpt name>_w<wbits>a<abits>_<method>.safetensors")
     parser.add_argument("--overwrite", action="store_true", help="let --out and --save_calib replace existing files")
-    args = parser.parse_args(argv)
+    args = parser.parse_args([*(argv or []), *sample.flags_argv(parser, flags)] if flags else argv)
 
     given = lambda *flags: [f"--{f}" for f in flags if getattr(args, f) is not None]
     for flag, least in [("n_prompts", 1), ("num_inference_steps", 1), ("calib_every", 1), ("batch_size", 1),
@@ -410,16 +412,14 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    sample.pick_threads(args.device)
-    try:
-        sd = ckpt.load_sd(args.ckpt, device=args.device)
-        if any(isinstance(m, qlayers.QuantLayer) for m in sd.unet.modules()):
-            raise ckpt.CheckpointError(f"{args.ckpt} is already quantized; pass the float checkpoint it came from")
-        calib = load_calibration(args.calib_data) if args.calib_data else None
-    except ckpt.CheckpointError as e:
-        sys.exit(f"error: {e}")
+def quantize(args=None, **flags):
+    """The whole job, from parse_args' settings or from keyword arguments named as the flags: calibrate, quantize,
+    write args.out; returns its path. A checkpoint that cannot be used raises ckpt.CheckpointError."""
+    args = args if args is not None else parse_args(**flags)
+    sd = ckpt.load_sd(args.ckpt, device=args.device)
+    if any(isinstance(m, qlayers.QuantLayer) for m in sd.unet.modules()):
+        raise ckpt.CheckpointError(f"{args.ckpt} is already quantized; pass the float checkpoint it came from")
+    calib = load_calibration(args.calib_data) if args.calib_data else None
     args.preset = args.preset or ("fast" if sd.unet.config == unet_lib.toy() else "qdiffusion")
     n_prompts = args.n_prompts or (len(args.prompts) if args.prompts else None)
     for k, v in PRESETS[args.preset].items():
@@ -449,6 +449,16 @@ def main(argv=None):
     print(f"wrote {args.out}: W{args.wbits}A{args.abits} {args.method}, {args.preset} preset, {meta['calib_samples']} "
           f"calibration samples; UNet {q / 2**20:.1f} MB vs {fp / 2**20:.1f} MB in FP32 ({q / fp:.3f}x); "
           f"calibration {t1 - t0:.0f} s, quantization {t2 - t1:.0f} s")
+    return Path(args.out)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    sample.pick_threads(args.device)
+    try:
+        quantize(args)
+    except ckpt.CheckpointError as e:
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -98,6 +98,26 @@ class PlainProgress:
         self.postfix = s
 
 
+def flags_argv(parser, flags):
+    """Keyword settings -> the command line `parser` reads, so a script's stage can be called from Python with the
+    same names, defaults and checks as its flags: train.parse_args(instance_data_dir="dog/", n_experts=4). True
+    gives a switch, False its --no- form (or nothing), None leaves the default; a name the parser lacks is a
+    TypeError."""
+    known = {a.dest: a for a in parser._actions if a.option_strings and a.dest != "help"}
+    argv = []
+    for name, value in flags.items():
+        if name not in known:
+            raise TypeError(f"unknown setting {name!r}; the settings are {', '.join(sorted(known))}")
+        action, opt = known[name], known[name].option_strings[0]
+        if isinstance(action, argparse.BooleanOptionalAction):
+            argv.append(opt if value else "--no-" + opt[2:])
+        elif action.nargs == 0:                                           # a switch such as --overwrite
+            argv += [opt] if value else []
+        elif value is not None:
+            argv += [opt, str(value)]
+    return argv
+
+
 def alphas_cumprod():
     """alpha_bar_t = prod_{s<=t} (1 - beta_s), (1000,) float32, for betas that are linear in sqrt(beta).
 

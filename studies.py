@@ -42,18 +42,19 @@ from safetensors.torch import load_file
 
 import ckpt
 import eval as metrics
+import sample
 import train
 
 ROOT = Path(__file__).resolve().parent
 DATASET = ROOT / "assets" / "toy" / "dreambooth"
 README = ROOT / "README.md"
-BASES = {"fp": None, "w4a8": ["--wbits", "4", "--abits", "8"], "w8a8": ["--wbits", "8", "--abits", "8"]}
-# method -> train.py flags; S1's interval is train.content_interval(), S2's experts split t uniformly
-METHODS = {"full": ["--method", "full"], "peqa": [], "s1": ["--t_range", "content"], "s1auto": ["--t_range", "auto"],
-           "s2": ["--n_experts", "4"],
-           "s1+s2": ["--t_range", "content", "--n_experts", "4"],
-           **{f"s2x{k}": ["--n_experts", str(k)] for k in (1, 2, 8)},
-           **{f"t{lo}-{lo + 199}": ["--t_range", f"{lo},{lo + 199}"] for lo in range(0, 1000, 200)}}
+BASES = {"fp": None, "w4a8": dict(wbits=4, abits=8), "w8a8": dict(wbits=8, abits=8)}
+# method -> train.py settings (keywords of train.personalize); S1's interval is train.content_interval(), S2's
+# experts split t uniformly
+METHODS = {"full": dict(method="full"), "peqa": {}, "s1": dict(t_range="content"), "s1auto": dict(t_range="auto"),
+           "s2": dict(n_experts=4), "s1+s2": dict(t_range="content", n_experts=4),
+           **{f"s2x{k}": dict(n_experts=k) for k in (1, 2, 8)},
+           **{f"t{lo}-{lo + 199}": dict(t_range=f"{lo},{lo + 199}") for lo in range(0, 1000, 200)}}
 METRICS = ("clip_i", "local_clip_i", "clip_t", "dino")
 
 
@@ -67,7 +68,7 @@ def base_path(base, out):
         return ckpt.TOY_CKPT
     if base == "w4a8":
         return train.default_quantized()                 # shared with train.py's own default
-    return train.default_quantized(Path(out) / f"toy_{base}.safetensors", BASES[base])   # remade if the toy changed
+    return train.default_quantized(Path(out) / f"toy_{base}.safetensors", **BASES[base])   # remade if the toy changed
 
 
 def class_dir(out, base, cls):
@@ -124,17 +125,14 @@ def run_job(spec):
             if n > 0 and state.is_file() and int(safe_open(str(state), "pt").metadata()["step"]) > n:
                 raise RuntimeError(f"{run} has trained past step {n} without scoring it; delete the folder")
             if n > 0:
-                args = ["--ckpt", str(spec["base_file"]), "--instance_data_dir", str(DATASET / spec["subject"]),
-                        "--instance_prompt", f"a photo of sks {spec['cls']}", "--output_dir", str(run),
-                        "--max_train_steps", str(n), "--seed", str(spec["settings"]["seed"]), *spec["flags"]]
-                if spec["prior"]:
-                    args += ["--with_prior_preservation", "--class_prompt", f"a photo of a {spec['cls']}",
-                             "--class_data_dir", str(spec["class_dir"]),
-                             "--num_class_images", str(spec["settings"]["num_class_images"])]
-                if state.is_file():
-                    args.append("--resume")
+                prior = dict(with_prior_preservation=True, class_prompt=f"a photo of a {spec['cls']}",
+                             class_data_dir=spec["class_dir"], num_class_images=spec["settings"]["num_class_images"])
                 try:
-                    scales, _ = train.train(train.parse_args(args))
+                    scales, _ = train.personalize(ckpt=spec["base_file"], instance_data_dir=DATASET / spec["subject"],
+                                                  instance_prompt=f"a photo of sks {spec['cls']}", output_dir=run,
+                                                  max_train_steps=n, seed=spec["settings"]["seed"],
+                                                  resume=state.is_file(), **(prior if spec["prior"] else {}),
+                                                  **spec["flags"])
                 except train.TrainingError as e:          # e.g. the cached run was made with another --seed
                     raise RuntimeError(f"{e} [studies.py: delete {run} to redo this run]") from None
             seconds = time.time() - t0
@@ -236,7 +234,7 @@ def peak_memory(base, flags, subject, cls, args, steps=5):
            "--instance_data_dir", str(DATASET / subject), "--instance_prompt", f"a photo of sks {cls}",
            "--with_prior_preservation", "--class_prompt", f"a photo of a {cls}", "--class_data_dir",
            str(class_dir(args.out, base, cls)), "--num_class_images", str(args.num_class_images),
-           "--max_train_steps", str(steps), "--output_dir", str(out), *flags]
+           "--max_train_steps", str(steps), "--output_dir", str(out), *sample.flags_argv(train.parser(), flags)]
     run = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     peak = [line.split()[1] for line in run.stdout.splitlines() if line.startswith("VmHWM ")]
     if run.returncode != 0 or not peak:

@@ -399,8 +399,8 @@ def prepare(sd, args):
     return data
 
 
-def default_quantized(path=Path("runs/toy_w4a8.safetensors"), bits=("--wbits", "4", "--abits", "8")):
-    """The toy model quantized (W4A8 unless `bits` say otherwise) by quant.py's fast preset: the base PEQA trains on
+def default_quantized(path=Path("runs/toy_w4a8.safetensors"), wbits=4, abits=8):
+    """The toy model quantized (W4A8 unless told otherwise) by quant.py's fast preset: the base PEQA trains on
     when no --ckpt is given. Made once (a few minutes on a CPU) and reused while it comes from the shipped toy model;
     made again when the toy model changed (a new checkout), which its stored base_sha256 tells."""
     stale = False
@@ -409,9 +409,9 @@ def default_quantized(path=Path("runs/toy_w4a8.safetensors"), bits=("--wbits", "
             base = json.loads((f.metadata() or {}).get("qdp.quant", "{}")).get("base_sha256")
         stale = base != ckpt.sha256(ckpt.TOY_CKPT)
     if not path.is_file() or stale:
-        print(f"quantizing the toy model ({' '.join(bits)}) into {path} "
+        print(f"quantizing the toy model (W{wbits}A{abits}) into {path} "
               + ("(again: the toy model changed since it was made)" if stale else "(once)"))
-        quant.main([*bits, "--preset", "fast", "--out", str(path), "--overwrite"])
+        quant.quantize(wbits=wbits, abits=abits, preset="fast", out=path, overwrite=True)
     return path
 
 
@@ -468,9 +468,11 @@ def folder_lock(folder, flag):
         yield                                         # closing the file releases the lock
 
 
-def train(args):
-    """The whole run; returns the path of the personalized file and the list of losses. The output folder and the
-    class-image folder are locked for the run's length."""
+def personalize(args=None, **flags):
+    """The whole run, from parse_args' settings or from keyword arguments named as the flags; returns the path of
+    the personalized file and the list of losses. The output folder and the class-image folder are locked for the
+    run's length."""
+    args = args if args is not None else parse_args(**flags)
     with contextlib.ExitStack() as locks:
         locks.enter_context(folder_lock(args.output_dir, "--output_dir"))
         if args.with_prior_preservation:
@@ -542,7 +544,8 @@ def warn_idle_experts(args):
         warnings.warn(f"experts {idle} own no timestep of --t_range {args.t_range} and will not train", stacklevel=3)
 
 
-def parse_args(argv=None):
+def parser():
+    """train.py's flags (diffusers' DreamBooth script's names where it has them)."""
     p = argparse.ArgumentParser(description="DreamBooth on a quantized SD v1 model by its scales (PEQA, S1, S2).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # model
@@ -602,7 +605,14 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from output_dir/state.safetensors")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda (cuda where available)")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None, **flags):
+    """The run's settings from the command line (argv), or from keyword arguments named as the flags
+    (parse_args(instance_data_dir="dog/", n_experts=4)): the same defaults and checks either way."""
+    p = parser()
+    args = p.parse_args([*(argv or []), *sample.flags_argv(p, flags)] if flags else argv)
 
     # the checks diffusers' DreamBooth script makes, and ours
     if args.with_prior_preservation:
@@ -683,7 +693,7 @@ def main(argv=None):
     args = parse_args(argv)
     sample.pick_threads(args.device)
     try:
-        train(args)
+        personalize(args)
     except (TrainingError, ckpt.CheckpointError) as e:
         sys.exit(f"error: {e}")
 

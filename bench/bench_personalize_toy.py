@@ -21,7 +21,7 @@ import ckpt  # noqa: E402
 import eval as metrics  # noqa: E402
 import train  # noqa: E402
 
-METHODS = {"full": ["--method", "full"], "peqa": [], "s1": ["--t_range", "content"], "s2": ["--n_experts", "4"]}
+METHODS = {"full": dict(method="full"), "peqa": {}, "s1": dict(t_range="content"), "s2": dict(n_experts=4)}
 
 
 def score(base, scales, references, cls, n_images, seed):
@@ -53,12 +53,11 @@ def main():
                 continue
             run = out / m / name
             if not (run / "personalized.safetensors").is_file():
-                train.train(train.parse_args([
-                    "--ckpt", str(base), "--instance_data_dir", str(root / name),
-                    "--instance_prompt", f"a photo of sks {cls}", "--with_prior_preservation",
-                    "--class_prompt", f"a photo of a {cls}", "--num_class_images", str(args.num_class_images),
-                    "--class_data_dir", str(out / ("class_fp" if m == "full" else "class_q") / cls),
-                    "--output_dir", str(run), "--seed", str(args.seed), *METHODS[m]]))
+                train.personalize(ckpt=base, instance_data_dir=root / name, instance_prompt=f"a photo of sks {cls}",
+                                  with_prior_preservation=True, class_prompt=f"a photo of a {cls}",
+                                  num_class_images=args.num_class_images,
+                                  class_data_dir=out / ("class_fp" if m == "full" else "class_q") / cls,
+                                  output_dir=run, seed=args.seed, **METHODS[m])
             before_key = f"{name}/before_{'fp' if m == 'full' else 'q'}"
             if before_key not in results:
                 results[before_key] = score(base, None, refs, cls, args.n_images, args.seed)

@@ -62,15 +62,13 @@ def main():
         scales = None
         if lr is not None:
             run = out / name.replace(":", "_")
-            argv = ["--ckpt", str(bases[method]), "--method", method, "--instance_data_dir", str(root / args.subject),
-                    "--instance_prompt", f"a photo of sks {cls}", "--learning_rate", str(lr),
-                    "--max_train_steps", str(steps), "--output_dir", str(run), "--seed", str(args.seed),
-                    "--checkpointing_steps", "100000"]
-            if args.prior:
-                argv += ["--with_prior_preservation", "--class_prompt", f"a photo of a {cls}",
-                         "--num_class_images", "20", "--class_data_dir", str(Path(args.out) / f"class_{method}")]
+            prior = dict(with_prior_preservation=True, class_prompt=f"a photo of a {cls}", num_class_images=20,
+                         class_data_dir=Path(args.out) / f"class_{method}")
             if not (run / train.OUT_FILE).is_file():
-                train.train(train.parse_args(argv))
+                train.personalize(ckpt=bases[method], method=method, instance_data_dir=root / args.subject,
+                                  instance_prompt=f"a photo of sks {cls}", learning_rate=lr, max_train_steps=steps,
+                                  output_dir=run, seed=args.seed, checkpointing_steps=100000,
+                                  **(prior if args.prior else {}))
             scales = run / train.OUT_FILE
         results[name], images = score(bases[method], scales, refs, cls, args.n_images, args.seed)
         world.grid([(im, "") for im in images], cols=args.n_images * 3, zoom=1).save(out / (name.replace(":", "_")

@@ -56,10 +56,10 @@ def test_peak_memory_is_the_runs_own(quick_base, tmp_path, monkeypatch):
     monkeypatch.setattr(studies, "base_path", lambda base, out: quick_base)
     held = torch.ones(300 * 2**20 // 4)                              # the parent holds 300 MiB more
     args = argparse.Namespace(out=str(tmp_path), num_class_images=1)
-    mib = studies.peak_memory("w4a8", [], "mug_star", "mug", args, steps=1)
+    mib = studies.peak_memory("w4a8", {}, "mug_star", "mug", args, steps=1)
     assert 150 < mib < 2000
     held2 = torch.ones(300 * 2**20 // 4)                             # holding more in the parent changes nothing
-    assert abs(studies.peak_memory("w4a8", [], "mug_star", "mug", args, steps=1) - mib) < 100
+    assert abs(studies.peak_memory("w4a8", {}, "mug_star", "mug", args, steps=1) - mib) < 100
     del held, held2
 
 

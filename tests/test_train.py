@@ -160,7 +160,7 @@ def run(files, out, *flags):
             "--instance_prompt", "a photo of sks mug", "--resolution", str(RES), "--output_dir", str(out),
             "--max_train_steps", "3", "--learning_rate", "1e-3", *flags]
     args = train.parse_args(argv)
-    return train.train(args)
+    return train.personalize(args)
 
 
 def quant_state(path):
@@ -199,7 +199,7 @@ def test_full_trains_every_weight(files, tmp_path):
     argv = ["--method", "full", "--ckpt", str(files / "fp.safetensors"), "--instance_data_dir", str(files / "photos"),
             "--instance_prompt", "a photo of sks mug", "--resolution", str(RES), "--output_dir",
             str(tmp_path / "full"), "--max_train_steps", "2", "--learning_rate", "1e-3"]
-    out, _ = train.train(train.parse_args(argv))
+    out, _ = train.personalize(train.parse_args(argv))
     base = ckpt.load_sd(files / "fp.safetensors").unet.state_dict()
     from safetensors.torch import load_file
     trained = load_file(out)
@@ -413,6 +413,26 @@ def test_cli_rejects_bad_flags(flags, message, tmp_path, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_keyword_settings_equal_the_command_line(tmp_path):
+    """train.parse_args(**settings) and quant.parse_args(**settings) give what the same flags give (switches, --no-
+    switches, numbers and paths), and a misspelt setting is a TypeError that lists the right names."""
+    need = ["--instance_data_dir", str(tmp_path), "--instance_prompt", "a photo of sks dog",
+            "--output_dir", str(tmp_path / "o")]
+    cli = train.parse_args(need + ["--with_prior_preservation", "--class_prompt", "a photo of a dog",
+                                   "--class_data_dir", str(tmp_path / "c"), "--n_experts", "4",
+                                   "--no-gradient_checkpointing", "--learning_rate", "1e-3"])
+    kw = train.parse_args(instance_data_dir=tmp_path, instance_prompt="a photo of sks dog", output_dir=tmp_path / "o",
+                          with_prior_preservation=True, class_prompt="a photo of a dog", class_data_dir=tmp_path / "c",
+                          n_experts=4, gradient_checkpointing=False, learning_rate=1e-3, resume=False,
+                          max_train_steps=None)
+    assert vars(kw) == vars(cli)
+    with pytest.raises(TypeError, match="unknown setting 'n_expert'.*n_experts"):
+        train.parse_args(instance_data_dir=tmp_path, instance_prompt="x", output_dir=tmp_path / "o", n_expert=4)
+    q = tmp_path / "q.safetensors"
+    assert vars(quant.parse_args(wbits=8, abits=32, out=q, overwrite=True)) == \
+        vars(quant.parse_args(["--wbits", "8", "--abits", "32", "--out", str(q), "--overwrite"]))
+
+
 @pytest.mark.parametrize("multi", [False, True], ids=["scale", "in_scale"])
 def test_sample_cli_with_scales(files, tmp_path, multi):
     """sample.py --scales draws from the personalized model (S2; with --multi_channel each expert has its own
@@ -451,9 +471,9 @@ def test_default_quantized_base_follows_the_toy_model(tmp_path, monkeypatch):
     (replacing it) when the toy model changed, e.g. after a checkout that retrained it."""
     from safetensors.torch import save_file
     calls = []
-    monkeypatch.setattr(train.quant, "main", lambda argv: calls.append(argv))
+    monkeypatch.setattr(train.quant, "quantize", lambda **settings: calls.append(settings))
     path = tmp_path / "toy_w4a8.safetensors"
     for sha in (train.ckpt.sha256(ckpt.TOY_CKPT), "0" * 64):
         save_file({"x": torch.zeros(1)}, str(path), metadata={"qdp.quant": json.dumps({"base_sha256": sha})})
         assert train.default_quantized(path) == path
-    assert len(calls) == 1 and "--overwrite" in calls[0] and str(path) in calls[0]
+    assert len(calls) == 1 and calls[0]["overwrite"] and calls[0]["out"] == path
