@@ -466,8 +466,8 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=2, help="number of single-threaded jobs run side by side")
     p.add_argument("--out", default="runs/studies", help="cache of runs, scores and class images")
     p.add_argument("--steps", default="50,100,200,400", help="tradeoff: comma-separated training steps to score at")
-    p.add_argument("--train_steps", type=int, default=200, help="main/experts/intervals: training steps per run "
-                   "(train.py's toy default)")
+    p.add_argument("--train_steps", type=int, default=train.TOY_DEFAULTS["max_train_steps"],
+                   help="main/experts/intervals: training steps per run (train.py's toy default)")
     p.add_argument("--n_prompts", type=int, default=9, help="use the first N of every third DreamBooth template "
                    "(9 at most)")
     p.add_argument("--n_images", type=int, default=2, help="images per prompt")
