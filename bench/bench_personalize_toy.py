@@ -82,6 +82,21 @@ def main():
             mean, lo, hi = metrics.confidence_interval(gain)
             cells.append(f"{mean:+.3f} ({lo:+.3f} to {hi:+.3f}), {sum(g > 0 for g in gain)}/{len(gain)} up")
         print(f"| {m} | " + " | ".join(cells) + " |")
+    refs = [metrics.read_images(root / s) for s in subjects]       # the ceiling: each reference against the others
+    ceiling = {k: sum(metrics.mean_pairwise_cosine(*[f(EV, r)] * 2, exclude_self=True) for r in refs) / len(refs)
+               for k, f in (("CLIP-I", metrics.clip_image_embeds), ("DINO", metrics.dino_embeds))}
+    print("\nreferences vs each other: " + ", ".join(f"{k} {v:.3f}" for k, v in ceiling.items())
+          + "; gap closed (after - before) / (references - before): " + ", ".join(
+              f"{m} " + " / ".join(f"{100 * gap(results, subjects, m, k, ceiling[n]):.0f}%"
+                                   for k, n in (("clip_i", "CLIP-I"), ("dino", "DINO"))) for m in methods))
+
+
+def gap(results, subjects, method, key, ceiling):
+    """The share of the distance from the untrained model's mean score to the references' that training covered."""
+    before = sum(results[f"{s}/before_{'fp' if method == 'full' else 'q'}"][key] for s in subjects) / len(subjects)
+    after = sum(results[f"{s}/{method}"][key] for s in subjects) / len(subjects)
+    return (after - before) / (ceiling - before)
+
 
 if __name__ == "__main__":
     EV = metrics.load_evaluators()

@@ -9,6 +9,7 @@ bootstrap interval over subjects, and the seconds each count took.
     python bench/ddim_steps_toy.py --runs runs/s10_bench_personalize/peqa --subjects mug_star,dog_patch,cat_heart
 """
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -28,19 +29,27 @@ def main():
     p.add_argument("--subjects", required=True, help="comma-separated toy subjects")
     p.add_argument("--steps", default="25,50", help="the step counts to compare, the first against the second")
     p.add_argument("--n_images", type=int, default=2, help="samples per template")
+    p.add_argument("--cache", default="runs/ddim_steps_toy.json", help="scores kept here; rerun with more subjects")
     args = p.parse_args()
     root, classes, objects, live = metrics.dataset_subjects(Path(__file__).resolve().parents[1] / "assets/toy/dreambooth")
     ev, base, counts = metrics.load_evaluators(), train.default_quantized(), [int(s) for s in args.steps.split(",")]
+    cache = json.loads(Path(args.cache).read_text()) if Path(args.cache).is_file() else {}
     scores, seconds = {n: {} for n in counts}, {n: 0.0 for n in counts}
     for name in args.subjects.split(","):
         cls, refs = classes[name], metrics.read_images(root / name)
         for n in counts:
+            key = f"{name}/{n}/{args.n_images}"
+            if key in cache:
+                scores[n][name], seconds[n] = cache[key]["scores"], seconds[n] + cache[key]["seconds"]
+                continue
             t0 = time.time()
             got, _, _ = metrics.score_model(base, Path(args.runs) / name / train.OUT_FILE, ev, refs, cls,
                                             metrics.templates_for(cls, objects, live), "sks", args.n_images, 0,
                                             num_inference_steps=n, guidance_scale=7.5)
             seconds[n] += time.time() - t0
             scores[n][name] = {k: got[k] for k in METRICS}
+            cache[key] = {"scores": scores[n][name], "seconds": time.time() - t0}
+            Path(args.cache).write_text(json.dumps(cache, indent=1))
             print(f"{name} {n} steps: " + "  ".join(f"{k} {got[k]:.3f}" for k in METRICS), flush=True)
     a, b = counts
     print(f"\n{len(scores[a])} subjects x all their templates x {args.n_images} images, guidance 7.5\n")
