@@ -21,6 +21,9 @@ belong neither in the training nor in the metric code; that is why it stands apa
     python studies.py intervals            # ~50 min after main (its baseline and S1 runs are reused)
 Runs are cached in runs/studies/ (rerun to resume; delete a folder to redo it). `--workers 2` (the default) runs two
 single-threaded jobs side by side: for models this small that is twice the throughput of one job on two threads.
+Under torchrun the jobs are shared among its processes (each with its own --workers), on one machine or several with
+a shared --out; the first process writes the tables:
+    torchrun --nproc_per_node 4 studies.py main --workers 1     # four processes, one job each at a time
 """
 import argparse
 import contextlib
@@ -37,6 +40,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -160,17 +164,40 @@ def in_workers(fn, items, workers, show=None):
         return done
 
 
+def shard():
+    """(rank, world size) of this process: under torchrun, which starts one studies.py per process on one machine or
+    several (gloo, so CPUs do), the jobs are shared out; (0, 1) otherwise."""
+    if "RANK" not in os.environ:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
 def run_jobs(jobs, workers):
-    return in_workers(run_job, jobs, workers, show=lambda r: f"{r[1]} {r[0]}")
+    """Every job's results, in job order. Under torchrun each process runs every world-th job from its rank, in
+    `workers` processes of its own, and all processes get all results."""
+    rank, world = shard()
+    mine = in_workers(run_job, jobs[rank::world], workers, show=lambda r: f"{r[1]} {r[0]}")
+    if world == 1:
+        return mine
+    parts = [None] * world
+    dist.all_gather_object(parts, mine)
+    return [parts[i % world][i // world] for i in range(len(jobs))]
 
 
 def prepare_bases(bases, subjects, classes, args):
-    """Base files and class images for every base model used, made before any job starts (no two jobs race)."""
-    files = {b: base_path(b, args.out) for b in bases}
-    specs = [dict(base_file=str(files[b]), cls=c, n=args.num_class_images, dir=str(class_dir(args.out, b, c)))
-             for b in bases for c in sorted({classes[s] for s in subjects})]
-    in_workers(make_class_images, specs, args.workers)
-    return files
+    """Base files and class images for every base model used, made before any job starts (no two jobs race); under
+    torchrun by the first process while the others wait."""
+    rank, world = shard()
+    if rank == 0:
+        files = {b: base_path(b, args.out) for b in bases}
+        specs = [dict(base_file=str(files[b]), cls=c, n=args.num_class_images, dir=str(class_dir(args.out, b, c)))
+                 for b in bases for c in sorted({classes[s] for s in subjects})]
+        in_workers(make_class_images, specs, args.workers)
+    if world > 1:
+        dist.barrier()
+    return {b: base_path(b, args.out) for b in bases}
 
 
 def jobs_for(variants, subjects, classes, files, args, folder="runs"):
@@ -246,6 +273,8 @@ def peak_memory(base, flags, subject, cls, args, steps=5):
 
 
 def save_plot(fig, name, args):
+    if shard()[0] > 0:                                      # under torchrun the first process writes the results
+        return None
     path = Path(args.out) / name / "plot.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
@@ -257,7 +286,10 @@ def save_plot(fig, name, args):
 
 
 def finish(name, table, results, args, t0, plot, jobs):
-    """Write results.json and table.md, and the README section: the table, the plot and the command."""
+    """Write results.json and table.md, and the README section: the table, the plot and the command (under torchrun,
+    the first process alone)."""
+    if shard()[0] > 0:
+        return
     folder = Path(args.out) / name
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "results.json").write_text(json.dumps(results, indent=2))
@@ -354,7 +386,7 @@ def study_methods(args, subjects, classes, name, variants, label, footer=None):
     jobs = jobs_for(variants, subjects, classes, files, args)
     results = per_subject(run_jobs(jobs, args.workers))
     memory = {}
-    if args.memory:                                          # one process per method, one after another
+    if args.memory and shard()[0] == 0:                      # one process per method, one after another
         s = subjects[0]
         for v, (base, method, _, _) in variants.items():
             memory[v] = peak_memory(base, METHODS[method], s, classes[s], args)

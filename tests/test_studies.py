@@ -69,3 +69,34 @@ def test_spearman_ranks():
     assert studies.spearman([0.1, 0.5, 0.2], [3, 1, 2]) == pytest.approx(-1)
     assert studies.spearman([3, 1, 2, 5], [0.3, 0.9, 0.1, 0.4]) == pytest.approx(studies.spearman([1, 2, 3, 5],
                                                                                              [0.9, 0.1, 0.3, 0.4]))
+
+
+def test_sharded_studies_equal_one_process(quick_base, tmp_path):
+    """torchrun with 2 CPU processes (gloo) shares the jobs out and writes the same results as one process."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import conftest
+    (tmp_path / "runs").mkdir()
+    shutil.copy(quick_base, tmp_path / "runs" / "toy_w4a8.safetensors")   # the W4A8 base, found where train.py looks
+    common = [str(conftest.ROOT / "studies.py"), "tradeoff", "--subjects", "mug_star,dog_patch", "--steps", "1",
+              "--n_prompts", "1", "--n_images", "1", "--num_inference_steps", "2", "--num_class_images", "1",
+              "--workers", "1", "--no-readme"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    for cmd, out in (([sys.executable], "one"),
+                     ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                       "29541"], "two")):
+        done = subprocess.run([*cmd, *common, "--out", str(tmp_path / out)], cwd=tmp_path, env=env,
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+    one, two = (json.loads((tmp_path / d / "tradeoff" / "results.json").read_text()) for d in ("one", "two"))
+    assert list(one) == list(two) == ["mug_star", "dog_patch"]
+    for s in one:
+        for variant, steps in one[s].items():
+            for n, scores in steps.items():
+                for k in ("clip_i", "local_clip_i", "clip_t", "dino"):
+                    assert two[s][variant][n][k] == pytest.approx(scores[k], abs=1e-5)
+    table = lambda d: [ln for ln in (tmp_path / d / "tradeoff" / "table.md").read_text().splitlines() if "|" in ln]
+    assert table("one") == table("two")
