@@ -10,12 +10,12 @@ a table, a plot and its section of the README.
 3. experts: S2 with 1, 2, 4 and 8 experts.
 4. intervals: the proof of concept behind S1: the baseline trained at the t of one fifth of 0..999 at a time, next
    to all of t, S1's content interval and the interval train.py's --t_range auto chooses per subject.
-Every run covers all toy subjects; means come with 95% bootstrap intervals over subjects. The prompts are every
-third of the 25 DreamBooth templates (9: backgrounds and property changes, accessories for the dog and cat), two
-images each, 50 DDIM steps, guidance 7.5. This file only schedules runs and draws their tables and plots, which
+Every run covers all toy subjects; means come with 95% bootstrap intervals over subjects. The prompts are all 25 of a
+subject's DreamBooth templates (`--n_prompts 9`: every third, the shorter protocol of the first studies), two images
+each, 25 DDIM steps, guidance 7.5. This file only schedules runs and draws their tables and plots, which
 belong neither in the training nor in the metric code; that is why it stands apart.
 
-    python studies.py tradeoff             # ~30 min on 2 CPU cores
+    python studies.py tradeoff             # ~30 min on 2 CPU cores (10 subjects, the 9-prompt protocol)
     python studies.py main                 # ~60 min
     python studies.py experts              # ~15 min after main (shared runs are reused)
     python studies.py intervals            # ~50 min after main (its baseline and S1 runs are reused)
@@ -100,15 +100,22 @@ _EV = None
 
 
 def score(base, scales, subject, cls, settings):
-    """eval.py's protocol scores of one subject (eval.score_model): every third template, `n_images` each."""
+    """eval.py's protocol scores of one subject (eval.score_model): its first `n_prompts` templates in
+    prompt_order, `n_images` each."""
     global _EV
     _EV = _EV or metrics.load_evaluators()
     root, _, objects, live = metrics.dataset_subjects(DATASET)
-    templates = metrics.templates_for(cls, objects, live)[::3][:settings["n_prompts"]]
+    templates = prompt_order(metrics.templates_for(cls, objects, live))[:settings["n_prompts"]]
     scores, _, _ = metrics.score_model(base, scales, _EV, metrics.read_images(root / subject), cls, templates, "sks",
                                        settings["n_images"], settings["seed"],
                                        num_inference_steps=settings["num_inference_steps"], guidance_scale=7.5)
     return scores
+
+
+def prompt_order(templates):
+    """Every third template first (backgrounds, property changes and, for dogs and cats, accessories: the nine of the
+    shorter protocol), then the rest, so that the first N are a spread of the 25 for any N."""
+    return templates[::3] + [t for i, t in enumerate(templates) if i % 3]
 
 
 def run_job(spec):
@@ -500,10 +507,11 @@ def main(argv=None):
     p.add_argument("--steps", default="50,100,200,400", help="tradeoff: comma-separated training steps to score at")
     p.add_argument("--train_steps", type=int, default=train.TOY_DEFAULTS["max_train_steps"],
                    help="main/experts/intervals: training steps per run (train.py's toy default)")
-    p.add_argument("--n_prompts", type=int, default=9, help="use the first N of every third DreamBooth template "
-                   "(9 at most)")
+    p.add_argument("--n_prompts", type=int, default=25, help="prompt templates per subject: all 25 of DreamBooth's, "
+                   "or the first N in prompt_order (9: every third, the shorter protocol)")
     p.add_argument("--n_images", type=int, default=2, help="images per prompt")
-    p.add_argument("--num_inference_steps", type=int, default=50, help="DDIM steps per image")
+    p.add_argument("--num_inference_steps", type=int, default=25, help="DDIM steps per image (25 scores as 50 "
+                   "within 0.006 on the toy model: bench/ddim_steps_toy.py)")
     p.add_argument("--num_class_images", type=int, default=20, help="class images for the prior preservation loss, "
                    "per class")
     p.add_argument("--seed", type=int, default=0, help="seeds the training runs and the evaluation samples")
@@ -517,8 +525,8 @@ def main(argv=None):
     unknown = [s for s in subjects if s not in classes]
     if unknown:
         p.error(f"unknown subjects {', '.join(unknown)}; the toy subjects are {', '.join(classes)}")
-    if args.workers < 1 or args.n_images < 1 or not 1 <= args.n_prompts <= 9:
-        p.error("--workers and --n_images must be >= 1, --n_prompts in 1..9")
+    if args.workers < 1 or args.n_images < 1 or not 1 <= args.n_prompts <= 25:
+        p.error("--workers and --n_images must be >= 1, --n_prompts in 1..25")
     torch.set_num_threads(1 if args.workers > 1 else torch.get_num_threads())
     STUDIES[args.study](args, subjects, classes)
 

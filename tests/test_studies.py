@@ -100,3 +100,9 @@ def test_sharded_studies_equal_one_process(quick_base, tmp_path):
                     assert two[s][variant][n][k] == pytest.approx(scores[k], abs=1e-5)
     table = lambda d: [ln for ln in (tmp_path / d / "tradeoff" / "table.md").read_text().splitlines() if "|" in ln]
     assert table("one") == table("two")
+
+
+def test_prompt_order_puts_every_third_first_and_keeps_all():
+    templates = [f"t{i}" for i in range(25)]
+    order = studies.prompt_order(templates)
+    assert order[:9] == templates[::3] and sorted(order) == sorted(templates) and len(order) == 25
