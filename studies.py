@@ -10,6 +10,8 @@ a table, a plot and its section of the README.
 3. experts: S2 with 1, 2, 4 and 8 experts.
 4. intervals: the proof of concept behind S1: the baseline trained at the t of one fifth of 0..999 at a time, next
    to all of t, S1's content interval and the interval train.py's --t_range auto chooses per subject.
+5. verdicts: one row per claim of the paper (the README's list), each a paired difference over subjects with its 95%
+   interval and one word (reproduced, not reproduced, inconclusive), computed from what 1, 2 and 4 stored.
 Every run covers all toy subjects; means come with 95% bootstrap intervals over subjects. The prompts are all 25 of a
 subject's DreamBooth templates (`--n_prompts 9`: every third, the shorter protocol of the first studies), two images
 each, 25 DDIM steps, guidance 7.5. This file only schedules runs and draws their tables and plots, which
@@ -494,7 +496,94 @@ def spearman(a, b):
     return torch.corrcoef(torch.stack([ra, rb]))[0, 1].item()
 
 
-STUDIES = {"tradeoff": study_tradeoff, "main": study_main, "experts": study_experts, "intervals": study_intervals}
+# --------------------------------------------------------------------------------------------------------------------
+# verdicts: the paper's claims, decided from the studies' stored results
+
+
+MARGIN = 0.01            # "at no loss" / "close to": a paired difference whose interval stays above -MARGIN
+
+
+def verdict(lo, hi, direction=1, margin=None):
+    """One word for a paired difference's 95% interval [lo, hi]. With `margin` None the claim is a change in
+    `direction` (+1 up, -1 down): reproduced if the interval lies on that side of 0, not reproduced if it lies on
+    the other, inconclusive if it holds 0. With a margin the claim is "no worse than by `margin`": reproduced if
+    lo > -margin, not reproduced if hi < -margin."""
+    if margin is not None:
+        return "reproduced" if lo > -margin else "not reproduced" if hi < -margin else "inconclusive"
+    lo, hi = sorted((direction * lo, direction * hi))
+    return "reproduced" if lo > 0 else "not reproduced" if hi < 0 else "inconclusive"
+
+
+def stored(args, name):
+    path = Path(args.out) / name / "results.json"
+    if not path.is_file():
+        raise SystemExit(f"error: {path} is missing; run `python studies.py {name}` first")
+    return json.loads(path.read_text())
+
+
+def paired_row(claim, what, a, b, key, direction=1, margin=None):
+    """A verdict row from two {subject: scores} maps, paired over the subjects both hold."""
+    subjects = [s for s in a if s in b]
+    mean, lo, hi = metrics.confidence_interval([a[s][key] - b[s][key] for s in subjects])
+    return (f"| {claim} | {what} | {metrics.METRIC_NAMES.get(key, key)} | {mean:+.3f} ({lo:+.3f} to {hi:+.3f}) | "
+            f"{len(subjects)} | {verdict(lo, hi, direction, margin)} |")
+
+
+def verdict_rows(tradeoff, main, intervals):
+    """The verdict table's rows (claims 1-7 of the README) from the stored results of three studies."""
+    at = lambda res, variant, step=None: {s: (v[variant][step] if step else v[variant][max(v[variant], key=int)])
+                                          for s, v in res.items() if variant in v}
+    rows = []
+    steps = sorted({int(n) for v in tradeoff.values() for n in v["prior"]})
+    first, last = str(steps[1] if steps[0] == 0 else steps[0]), str(steps[-1])
+    for key, d in (("clip_i", 1), ("dino", 1), ("clip_t", -1)):
+        rows.append(paired_row("1. trade-off", f"baseline at {last} minus {first} steps",
+                               at(tradeoff, "prior", last), at(tradeoff, "prior", first), key, d))
+    base, full = at(main, "W4A8 peqa"), at(main, "FP DreamBooth (full)")
+    for claim, method, other, label in (("2. S1 beats the baseline", "W4A8 s1", base, "S1 - baseline"),
+                                        ("3. S2 beats the baseline", "W4A8 s2", base, "S2 - baseline"),
+                                        ("3. S2 beats S1", "W4A8 s2", at(main, "W4A8 s1"), "S2 - S1"),
+                                        ("4. S1 + S2 beats the baseline", "W4A8 s1+s2", base, "S1+S2 - baseline")):
+        for key in ("local_clip_i", "clip_i", "dino"):
+            rows.append(paired_row(claim, label, at(main, method), other, key))
+        rows.append(paired_row(claim, label + f" (no loss: > -{MARGIN})", at(main, method), other, "clip_t",
+                               margin=MARGIN))
+    for method in ("W4A8 s1", "W4A8 s2", "W4A8 s1+s2"):
+        for key in ("clip_i", "dino"):
+            rows.append(paired_row("5. close to FP DreamBooth", f"{method[5:]} - full (> -{MARGIN})", at(main, method),
+                                   full, key, margin=MARGIN))
+    s1, s2 = at(main, "W4A8 s1"), at(main, "W4A8 s2")
+    for key in ("trainable", "file_mib", "train_seconds"):
+        rows.append(paired_row("6. S2 costs more than S1", "S2 - S1", s2, s1, key))
+    fifths = [v for v in next(iter(intervals.values())) if v.startswith("t ")]
+    untrained = at(intervals, "all t (baseline)", "0")
+    gains = {s: {v: at(intervals, v)[s]["dino"] - untrained[s]["dino"] for v in fifths} for s in intervals}
+    chosen, rest = {}, {}
+    for s, g in gains.items():             # the fifth the *other* subjects gain most from: no subject picks its own
+        others = [o for o in gains if o != s] or [s]
+        pick = max(fifths, key=lambda v: sum(gains[o][v] for o in others))
+        chosen[s], rest[s] = {"dino": g[pick]}, {"dino": sum(g[v] for v in fifths if v != pick) / (len(fifths) - 1)}
+    rows.append(paired_row("7. a key interval exists", "the other subjects' best fifth of t - the other fifths "
+                           "(DINO gain)", chosen, rest, "dino"))
+    for key in ("clip_i", "dino"):
+        rows.append(paired_row("7. it is found from data", "S1 auto - baseline", at(intervals, "S1 auto (per subject)"),
+                               at(intervals, "all t (baseline)"), key))
+    return rows
+
+
+def study_verdicts(args, subjects, classes):
+    """The verdict table, computed from what `tradeoff`, `main` and `intervals` stored (nothing is trained)."""
+    rows = verdict_rows(stored(args, "tradeoff"), stored(args, "main"), stored(args, "intervals"))
+    table = "\n".join(["| claim | comparison | metric | paired difference (95% CI) | subjects | verdict |",
+                        "|---|---|---|---|---|---|", *rows])
+    note = (f"Each row pairs the two models subject by subject (W4A8 base); verdict: reproduced where the interval "
+            f"lies on the paper's side of 0 (or, for \"no loss\" and \"close to\", above -{MARGIN}), not "
+            f"reproduced where it lies on the other side, inconclusive where it holds both.")
+    finish("verdicts", note + "\n\n" + table, stored(args, "main"), args, time.time(), None, [])
+
+
+STUDIES = {"tradeoff": study_tradeoff, "main": study_main, "experts": study_experts, "intervals": study_intervals,
+           "verdicts": study_verdicts}
 
 
 def main(argv=None):

@@ -106,3 +106,44 @@ def test_prompt_order_puts_every_third_first_and_keeps_all():
     templates = [f"t{i}" for i in range(25)]
     order = studies.prompt_order(templates)
     assert order[:9] == templates[::3] and sorted(order) == sorted(templates) and len(order) == 25
+
+
+def test_verdicts_come_from_the_stored_results(tmp_path):
+    """A made-up set of stored results where S1 is better than the baseline, S2 worse and S1+S2 the same up to
+    noise: the table says reproduced, not reproduced and inconclusive, row by row, from those files alone."""
+    import random
+    rng = random.Random(0)
+    subjects = [f"s{i}" for i in range(10)]
+    metrics_ = ("clip_i", "local_clip_i", "clip_t", "dino")
+    score = lambda shift, **extra: {**{k: 0.5 + shift + rng.gauss(0, 0.005) for k in metrics_},
+                                    "train_seconds": 10.0, "trainable": 100, "file_mib": 0.1, **extra}
+    cost = dict(trainable=400, file_mib=0.4, train_seconds=12.0)
+    main = {s: {"FP DreamBooth (full)": {"0": score(0), "200": score(0.1)},
+                "W4A8 peqa": {"0": score(0), "200": score(0.1)}, "W4A8 s1": {"200": score(0.15)},
+                "W4A8 s2": {"200": score(0.05, **cost)}, "W4A8 s1+s2": {"200": score(0.1 + rng.gauss(0, 0.03))}}
+            for s in subjects}
+    tradeoff = {s: {"prior": {"0": score(0), "50": score(0.02), "400": {**score(0.1), "clip_t": 0.3}}}
+                for s in subjects}
+    intervals = {s: {"all t (baseline)": {"0": score(0), "200": score(0.1)},
+                     **{f"t {lo}-{lo + 199}": {"200": score(0.2 if lo == 400 else 0.05)} for lo in range(0, 1000, 200)},
+                     "S1 auto (per subject)": {"200": score(0.2)}} for s in subjects}
+    for name, results in (("tradeoff", tradeoff), ("main", main), ("intervals", intervals)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(results))
+    studies.main(["verdicts", "--out", str(tmp_path), "--no-readme"])
+    rows = [line.split(" | ") for line in (tmp_path / "verdicts" / "table.md").read_text().splitlines()
+            if line.startswith("| ") and line[2].isdigit()]
+    word = {(r[0][2:], r[1], r[2]): r[-1].rstrip(" |") for r in rows}
+    assert word[("1. trade-off", "baseline at 400 minus 50 steps", "DINO")] == "reproduced"
+    assert word[("1. trade-off", "baseline at 400 minus 50 steps", "CLIP-T")] == "reproduced"    # it falls
+    assert word[("2. S1 beats the baseline", "S1 - baseline", "local CLIP-I")] == "reproduced"
+    assert word[("3. S2 beats the baseline", "S2 - baseline", "DINO")] == "not reproduced"
+    assert word[("3. S2 beats S1", "S2 - S1", "CLIP-I")] == "not reproduced"
+    assert word[("4. S1 + S2 beats the baseline", "S1+S2 - baseline", "CLIP-I")] == "inconclusive"
+    assert word[("6. S2 costs more than S1", "S2 - S1", "trainable")] == "reproduced"
+    assert word[("7. a key interval exists", "the other subjects' best fifth of t - the other fifths (DINO gain)",
+                 "DINO")] == "reproduced"
+    assert len(rows) == 3 + 4 * 4 + 6 + 3 + 1 + 2
+    with pytest.raises(SystemExit, match="run `python studies.py main` first"):
+        (tmp_path / "main" / "results.json").unlink()
+        studies.main(["verdicts", "--out", str(tmp_path), "--no-readme"])
