@@ -36,7 +36,8 @@ import unet as unet_lib
 import vae as vae_lib
 
 TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tokenizer"
-TOY_CKPT = Path(__file__).resolve().parent / "assets" / "toy" / "toy_sd.safetensors"  # the embedded default (toy.py)
+# the embedded default, made by toyworld/toy.py
+TOY_CKPT = Path(__file__).resolve().parent / "assets" / "toy" / "toy_sd.safetensors"
 PREFIX = {"unet": "model.diffusion_model.", "vae": "first_stage_model.", "text_encoder": "cond_stage_model.transformer."}
 HINT = "qdp needs a Stable Diffusion v1.x checkpoint (a CompVis .safetensors/.ckpt file or a diffusers folder)"
 
@@ -377,7 +378,8 @@ def load_sd(path, device="cpu", dtype=torch.float32, verbose=False):
     """Load an SD v1 model from a CompVis single file or a diffusers folder."""
     path = Path(path)
     if path == TOY_CKPT and not path.is_file():
-        raise CheckpointError(f"the embedded toy model is missing ({path}); run `python toy.py` to pretrain it")
+        raise CheckpointError(f"the embedded toy model is missing ({path}); run `python -m toyworld.toy` to "
+                              "pretrain it")
     if path.is_dir():
         parts, meta = read_diffusers(path)
         tok_dir = path / "tokenizer"

@@ -7,13 +7,14 @@ DreamBooth (arXiv 2208.12242, sec. 4.1) scores a personalized model on two axes:
   (DINO ViT-S/16, arXiv 2104.14294), which separates instances of one class better than CLIP does;
 - prompt fidelity: CLIP-T, the mean cosine similarity between each generated image and its own prompt.
 The evaluators are CLIP ViT-B/32 and DINO ViT-S/16 from folders the user supplies (nothing is downloaded), or, by
-default, the toy world's own CLIP and SimCLR-trained ViT (toy.py), which stand in for them on a CPU.
+default, the toy world's own CLIP and SimCLR-trained ViT (toyworld/toy.py), which stand in for them on a CPU.
 
     python eval.py --images out/samples --references assets/toy/dreambooth/mug_star --prompt "a photo of sks mug"
 """
 import argparse
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,6 @@ from transformers import CLIPConfig, CLIPModel, CLIPTokenizer, ViTConfig, ViTMod
 import ckpt
 import sample
 import train
-import world
 
 METRIC_NAMES = {"clip_i": "CLIP-I", "local_clip_i": "local CLIP-I", "clip_t": "CLIP-T", "dino": "DINO"}
 
@@ -42,12 +42,12 @@ class Evaluators:
     dino_pre: tuple = (224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
-TOY_EVALUATORS = Path(__file__).resolve().parent / "assets" / "toy" / "toy_eval.safetensors"   # made by toy.py
+TOY_EVALUATORS = Path(__file__).resolve().parent / "assets" / "toy" / "toy_eval.safetensors"   # made by toyworld/toy.py
 
 
 def read_toy_evaluators(path=TOY_EVALUATORS):
-    """(CLIPModel, ViTModel) of the toy world, float32, eval mode, from the file toy.py writes: the tensors under
-    "clip." and "dino.", and the transformers configs in its metadata."""
+    """(CLIPModel, ViTModel) of the toy world, float32, eval mode, from the file toyworld/toy.py writes: the tensors
+    under "clip." and "dino.", and the transformers configs in its metadata."""
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
         tensors = {k: f.get_tensor(k).float() for k in f.keys()}
@@ -244,7 +244,7 @@ def crop_iou(sd, root, per_subject=None):
     of the toy dataset) over their reference photos, and the same for the best fixed central box as the baseline."""
     root = Path(root)
     boxes = json.loads((root / "boxes.json").read_text())
-    classes, _, _ = world.read_prompts_and_classes(root / "prompts_and_classes.txt")
+    classes, _, _ = read_prompts_and_classes(root / "prompts_and_classes.txt")
     found, central = [], []
     for s, files in boxes.items():
         for f, truth in list(files.items())[:per_subject]:
@@ -268,6 +268,25 @@ def local_clip_i(ev, sd, generated, prompts, word, references):
 # the DreamBooth protocol: subjects x prompt templates x images per prompt
 
 
+PROMPT_LINE = re.compile(r"^'(.*)'\.format\(unique_token, class_token\),?$")
+
+
+def read_prompts_and_classes(path):
+    """(classes {subject: class}, object templates, live templates) from a DreamBooth prompts_and_classes.txt;
+    templates are format strings: t.format("sks", "dog")."""
+    classes, prompts, section = {}, {"Object Prompts": [], "Live Subject Prompts": []}, None
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if line in prompts:
+            section = line
+        elif m := PROMPT_LINE.match(line):
+            prompts[section].append(m.group(1))
+        elif section is None and "," in line and line != "subject_name,class":
+            name, cls = line.split(",", 1)
+            classes[name] = cls
+    return classes, prompts["Object Prompts"], prompts["Live Subject Prompts"]
+
+
 def dataset_subjects(root):
     """{subject: class} and the object / live templates of a DreamBooth-layout dataset (the real one: root/dataset/
     holds the folders; the toy one: root itself); every listed subject must have its folder."""
@@ -275,7 +294,7 @@ def dataset_subjects(root):
     root = root / "dataset" if (root / "dataset" / "prompts_and_classes.txt").is_file() else root
     if not (root / "prompts_and_classes.txt").is_file():
         raise SystemExit(f"error: no prompts_and_classes.txt in {root}; pass a DreamBooth-layout dataset folder")
-    classes, objects, live = world.read_prompts_and_classes(root / "prompts_and_classes.txt")
+    classes, objects, live = read_prompts_and_classes(root / "prompts_and_classes.txt")
     if not classes or not (objects or live):
         raise SystemExit(f"error: {root / 'prompts_and_classes.txt'} lists no " + ("subjects" if not classes else
                          "prompt templates") + "; write it in the DreamBooth dataset's layout")
@@ -381,7 +400,7 @@ def run(args):
         results[name] = scores
         (out / "grids").mkdir(parents=True, exist_ok=True)
         firsts = [(images[i], prompts[i]) for i in range(0, len(images), args.n_images)]
-        world.grid(firsts, cols=min(8, len(firsts))).save(out / "grids" / f"{name}.png")
+        sample.labelled_grid(firsts, cols=min(8, len(firsts))).save(out / "grids" / f"{name}.png")
         print(f"[rank {rank}] {name}: " + "  ".join(f"{k} {v:.3f}" for k, v in scores.items()), flush=True)
     if world_size > 1:
         import torch.distributed as dist

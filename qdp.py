@@ -34,7 +34,7 @@ import quant
 import sample
 import train
 import unet as unet_lib
-import world
+from toyworld import world
 
 TOY_DATASET = Path(__file__).resolve().parent / "assets" / "toy" / "dreambooth"
 METHODS = {"baseline": {}, "s1": {"t_range": "content"}, "s2": {"n_experts": 4}}   # train.py settings
@@ -159,7 +159,7 @@ def report(args, out, rows, grids, refs, subject, cls, seconds):
     cells += [(Image.new("RGB", (8, 8), "white"), "")] * (-len(cells) % cols)
     for name, g in grids.items():
         cells += [(im, f"{name}: {p}") for im, p in g]
-    world.grid(cells, cols=cols).save(out / "report.png")
+    sample.labelled_grid(cells, cols=cols).save(out / "report.png")
     keys = [k for k in ("clip_i", "local_clip_i", "clip_t", "dino") if k in next(iter(rows.values()))]
     n_scored = n_prompts * args.n_images
     lines = [f"# qdp report: {subject} ({cls})", "",

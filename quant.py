@@ -40,7 +40,7 @@ import ckpt
 import qlayers
 import sample
 import unet as unet_lib
-import world
+from toyworld import world
 
 PRESETS = {  # qdiffusion: Q-Diffusion's SD recipe with BRECQ's optimizer; fast: the toy world in ~2 CPU minutes
     "qdiffusion": dict(n_prompts=128, num_inference_steps=50, calib_every=2, iters=20000, act_iters=5000,

@@ -21,11 +21,12 @@ import math
 import os
 import shutil
 import sys
+import textwrap
 import time
 from pathlib import Path
 
 import torch
-from PIL import Image, PngImagePlugin
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 from safetensors import safe_open
 from tqdm import tqdm
 
@@ -320,6 +321,20 @@ def image_grid(images):
 
 # --------------------------------------------------------------------------------------------------------------------
 # export: the (personalized) quantized model as a plain checkpoint
+
+
+def labelled_grid(cells, cols=8, zoom=2):
+    """A contact sheet: each cell an image (zoomed, nearest neighbour, to show the true pixels) over its label."""
+    font, side, text_h = ImageFont.load_default(), 64 * zoom, 40
+    rows = math.ceil(len(cells) / cols)
+    out = Image.new("RGB", (cols * side, rows * (side + text_h)), "white")
+    d = ImageDraw.Draw(out)
+    for i, (img, label) in enumerate(cells):
+        x, y = (i % cols) * side, (i // cols) * (side + text_h)
+        out.paste(img.resize((side, side), Image.Resampling.NEAREST), (x, y))
+        d.multiline_text((x + 2, y + side + 1), "\n".join(textwrap.wrap(label, 24)[:3]), fill="black", font=font,
+                         spacing=0)
+    return out
 
 
 def experts_in(scales):

@@ -73,7 +73,7 @@ def tiny():
 
 
 def toy():
-    """The toy world's UNet (toy.py): 16x16x4 latents, a 64-wide toy CLIP context, attention at 8x8 and 4x4."""
+    """The toy world's UNet (toyworld/toy.py): 16x16x4 latents, a 64-wide toy CLIP context, attention at 8x8 and 4x4."""
     return UNetConfig(model_channels=48, channel_mult=(1, 2, 2), num_res_blocks=1, attention_levels=(1, 2),
                       num_heads=4, context_dim=64, norm_groups=16, sample_size=16)
 

@@ -52,8 +52,8 @@ def tiny():
 
 
 def toy():
-    """The toy world's autoencoder (toy.py): 64x64 images to 16x16x4 latents. Its latent scale is measured on the
-    world's images after training and stored in the checkpoint, as SD's 0.18215 was measured on its data."""
+    """The toy world's autoencoder (toyworld/toy.py): 64x64 images to 16x16x4 latents. Its latent scale is measured
+    on the world's images after training and stored in the checkpoint, as SD's 0.18215 was measured on its data."""
     return VAEConfig(ch=16, ch_mult=(1, 2, 4), num_res_blocks=1, norm_groups=8)
 
 

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ckpt  # noqa: E402
 import eval as metrics  # noqa: E402
 import quant  # noqa: E402
-import toy  # noqa: E402
+from toyworld import toy  # noqa: E402
 
 ROWS = [(8, 8), (4, 8), (8, 32), (4, 32)]
 

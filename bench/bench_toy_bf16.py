@@ -12,7 +12,7 @@ import torch
 from transformers import CLIPModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import toy  # noqa: E402
+from toyworld import toy  # noqa: E402
 import unet as unet_lib  # noqa: E402
 import vae as vae_lib  # noqa: E402
 

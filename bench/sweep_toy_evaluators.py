@@ -11,7 +11,8 @@ import torch
 from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import toy, world, eval as metrics, ckpt
+import eval as metrics, ckpt
+from toyworld import toy, world
 torch.set_num_threads(1)
 name, cs, ds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 twins = bool(int(sys.argv[4])) if len(sys.argv) > 4 else True

@@ -21,8 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ckpt  # noqa: E402
 import eval as metrics  # noqa: E402
+import sample  # noqa: E402
 import train  # noqa: E402
-import world  # noqa: E402
+from toyworld import world  # noqa: E402
 
 CONFIGS = ("full:5e-5:200,full:2e-4:400,full:1e-3:400,"
            "peqa:2e-4:200,peqa:1e-3:400,peqa:3e-3:400,peqa:1e-2:400,peqa:3e-3:1000,peqa:1e-2:1000")
@@ -71,7 +72,7 @@ def main():
                                   **(prior if args.prior else {}))
             scales = run / train.OUT_FILE
         results[name], images = score(bases[method], scales, refs, cls, args.n_images, args.seed)
-        world.grid([(im, "") for im in images], cols=args.n_images * 3, zoom=1).save(out / (name.replace(":", "_")
+        sample.labelled_grid([(im, "") for im in images], cols=args.n_images * 3, zoom=1).save(out / (name.replace(":", "_")
                                                                                              + ".png"))
         (out / "results.json").write_text(json.dumps(results, indent=2))
         print(f"{name}: " + "  ".join(f"{k} {v:.3f}" for k, v in results[name].items()), flush=True)

@@ -11,7 +11,8 @@ import numpy as np, torch, torch.nn.functional as F
 from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import toy, world, vae as vae_lib
+import vae as vae_lib
+from toyworld import toy, world
 torch.set_num_threads(1)
 name, ch, nrb, crop, steps, batch = sys.argv[1], *map(int, sys.argv[2:7])
 edge = float(sys.argv[7]) if len(sys.argv) > 7 else 0.0

@@ -6,7 +6,7 @@ from transformers import CLIPModel, ViTModel
 
 import ckpt
 import eval as metrics
-import toy
+from toyworld import toy
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-MODULES = ["ckpt", "eval", "qdp", "quant", "sample", "studies", "toy", "train", "unet", "vae", "world"]
+MODULES = ["ckpt", "eval", "qdp", "quant", "sample", "studies", "toyworld.toy", "train", "unet", "vae",
+           "toyworld.world"]
 
 
 def options_without_help(text):
@@ -29,7 +30,7 @@ def options_without_help(text):
 
 @pytest.mark.parametrize("module", MODULES)
 def test_help(module):
-    result = subprocess.run([sys.executable, f"{module}.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "(default:" in result.stdout

@@ -7,10 +7,10 @@ import torch
 
 import ckpt
 import eval as metrics
-import toy
+from toyworld import toy
 import unet as unet_lib
 import vae as vae_lib
-import world
+from toyworld import world
 
 
 @pytest.fixture(scope="module")
@@ -218,6 +218,6 @@ def test_set_rejects_unknown_plan_fields():
     import subprocess
     import sys
     for bad in ("foo=1", "unet_steps=many"):
-        r = subprocess.run([sys.executable, "toy.py", "--set", bad, "--no_export"], cwd=toy.ASSETS.parents[1],
+        r = subprocess.run([sys.executable, "-m", "toyworld.toy", "--set", bad, "--no_export"], cwd=toy.ASSETS.parents[1],
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and "--set takes FIELD=VALUE pairs of" in r.stderr.splitlines()[-1]

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import world
+import eval as metrics
+from toyworld import world
 from conftest import SHARED
 
 REAL_PROMPTS = SHARED / "dreambooth" / "dataset" / "prompts_and_classes.txt"
@@ -201,7 +202,7 @@ def test_write_dreambooth_and_read_it_back(tmp_path):
     """write_dreambooth writes DreamBooth's layout (subject/00.jpg..., 4 to 6 references, prompts_and_classes.txt)
     and a box per reference; read_prompts_and_classes reads back the subjects and 25 + 25 templates."""
     root = world.write_dreambooth(tmp_path / "db")
-    classes, object_prompts, live_prompts = world.read_prompts_and_classes(root / "prompts_and_classes.txt")
+    classes, object_prompts, live_prompts = metrics.read_prompts_and_classes(root / "prompts_and_classes.txt")
     assert classes == {s.name: s.cls for s in world.SUBJECTS.values()}
     assert object_prompts == world.OBJECT_TEMPLATES and live_prompts == world.LIVE_TEMPLATES
     assert len(object_prompts) == len(live_prompts) == 25
@@ -219,7 +220,7 @@ def test_reads_the_real_prompt_file():
     exactly the toy world's, so one evaluation protocol runs in both worlds."""
     if not REAL_PROMPTS.exists():
         pytest.skip(f"{REAL_PROMPTS} is absent")
-    classes, object_prompts, live_prompts = world.read_prompts_and_classes(REAL_PROMPTS)
+    classes, object_prompts, live_prompts = metrics.read_prompts_and_classes(REAL_PROMPTS)
     assert len(classes) == 30 and classes["dog2"] == "dog" and classes["red_cartoon"] == "cartoon"
     assert len(object_prompts) == len(live_prompts) == 25
     assert object_prompts == world.OBJECT_TEMPLATES and live_prompts == world.LIVE_TEMPLATES

@@ -9,28 +9,26 @@ bezel, the dog's black ear and white muzzle, the cat's white chest, the sneaker'
 Each of the 25 object and 25 live-subject prompt templates of DreamBooth (Ruiz et al., arXiv 2208.12242) has a
 counterpart here, so the paper's protocol runs unchanged: `write_dreambooth` writes 30 subjects, as many as the
 real dataset has (two-tone bodies with an emblem, which pretraining never draws), in the DreamBooth dataset's layout,
-and `read_prompts_and_classes` reads both that folder and the real dataset's prompt file. About 10% of
+and `eval.read_prompts_and_classes` reads both that folder and the real dataset's prompt file. About 10% of
 (class, color, context) triples are held out of pretraining, to test composition. Everything is drawn at 4x with PIL
 and downsampled with a box filter; the painters live in paint.py.
 
-    python world.py --grid /tmp/grid.png                       # random training scenes with their captions
-    python world.py --grid /tmp/contexts.png --what contexts   # also: classes, live, heldout, subjects
-    python world.py --write_dreambooth data/toy_dreambooth     # subject/00.jpg, prompts_and_classes.txt, boxes.json
+    python -m toyworld.world --grid /tmp/grid.png                      # random training scenes with their captions
+    python -m toyworld.world --grid /tmp/contexts.png --what contexts  # also: classes, live, heldout, subjects
+    python -m toyworld.world --write_dreambooth data/toy_dreambooth    # subject/00.jpg, prompts_and_classes.txt, ...
 """
 import argparse
 import json
-import math
 import random
-import re
-import textwrap
 import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
-import paint
-from paint import CANVAS, INK, MARKINGS, N_VARIANTS, WHITE  # MARKINGS re-exported: Look.marking is one of them
+import sample
+from toyworld import paint
+from toyworld.paint import CANVAS, INK, MARKINGS, N_VARIANTS, WHITE  # MARKINGS re-exported: Look.marking is one of them
 
 # --------------------------------------------------------------------------------------------------------------------
 # vocabulary: plain English words that the real CLIP tokenizer knows
@@ -357,42 +355,6 @@ def write_dreambooth(root, size=64):
     return root
 
 
-PROMPT_LINE = re.compile(r"^'(.*)'\.format\(unique_token, class_token\),?$")
-
-
-def read_prompts_and_classes(path):
-    """(classes {subject: class}, object templates, live templates) from a DreamBooth prompts_and_classes.txt;
-    templates are format strings: t.format("sks", "dog")."""
-    classes, prompts, section = {}, {"Object Prompts": [], "Live Subject Prompts": []}, None
-    for line in Path(path).read_text().splitlines():
-        line = line.strip()
-        if line in prompts:
-            section = line
-        elif m := PROMPT_LINE.match(line):
-            prompts[section].append(m.group(1))
-        elif section is None and "," in line and line != "subject_name,class":
-            name, cls = line.split(",", 1)
-            classes[name] = cls
-    return classes, prompts["Object Prompts"], prompts["Live Subject Prompts"]
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# looking at it
-
-def grid(cells, cols=8, zoom=2):
-    """A contact sheet: each cell an image (zoomed, nearest neighbour, to show the true pixels) over its label."""
-    font, side, text_h = ImageFont.load_default(), 64 * zoom, 40
-    rows = math.ceil(len(cells) / cols)
-    out = Image.new("RGB", (cols * side, rows * (side + text_h)), "white")
-    d = ImageDraw.Draw(out)
-    for i, (img, label) in enumerate(cells):
-        x, y = (i % cols) * side, (i // cols) * (side + text_h)
-        out.paste(img.resize((side, side), Image.Resampling.NEAREST), (x, y))
-        d.multiline_text((x + 2, y + side + 1), "\n".join(textwrap.wrap(label, 24)[:3]), fill="black", font=font,
-                         spacing=0)
-    return out
-
-
 def grid_cells(what, seed=0, n=48):
     """(image, label) pairs for a contact sheet of `what`: random train or held-out scenes, every context, every class
     in every color, every accessory and property, every named individual, or two reference pictures of each subject."""
@@ -435,7 +397,7 @@ if __name__ == "__main__":
         parser.error("nothing to do: give --grid PATH and/or --write_dreambooth DIR")
     if args.grid:
         cells = grid_cells(args.what, args.seed)
-        grid(cells, cols=10 if args.what == "subjects" else 8).save(args.grid)
+        sample.labelled_grid(cells, cols=10 if args.what == "subjects" else 8).save(args.grid)
         print(f"wrote {len(cells)} images to {args.grid}")
     if args.write_dreambooth:
         root = write_dreambooth(args.write_dreambooth, args.size)

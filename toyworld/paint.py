@@ -5,7 +5,7 @@ random.Random. It is a separate file so that world.py stays readable in one sitt
 contains (vocabulary, scenes, captions, the held-out split, subjects), paint.py how it is drawn. It knows nothing of
 world.py; world.py composes `background` and `sprite` into a picture.
 
-    python world.py --grid /tmp/contexts.png --what contexts   # every background; also: classes, live, subjects
+    python -m toyworld.world --grid /tmp/contexts.png --what contexts   # every background; also: classes, live, ...
 """
 import functools
 import math

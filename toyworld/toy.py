@@ -15,10 +15,10 @@ reconstructions, UNet samples, personalized samples), read by the evaluators.
 It lives apart from the method's modules because it belongs to neither the method nor the SD model: it only makes
 the embedded default model (assets/toy/) that every script falls back to when no --ckpt is given.
 
-    python toy.py                              # pretrain everything (about 50 min on 2 cores); rerun to resume
-    python toy.py --stages eval_clip,dino      # retrain the evaluators alone, the SD model kept
-    python toy.py --scale 0.02 --out runs/toy_smoke --no_export   # every stage in a minute, for a smoke test
-    python toy.py --report                     # the ceiling chain of the shipped models
+    python -m toyworld.toy                          # pretrain everything (about an hour on 2 cores); rerun to resume
+    python -m toyworld.toy --stages eval_clip,dino  # retrain the evaluators alone, the SD model kept
+    python -m toyworld.toy --scale 0.02 --out runs/toy_smoke --no_export   # every stage in a minute, a smoke test
+    python -m toyworld.toy --report                 # the ceiling chain of the shipped models
 """
 import argparse
 import json
@@ -39,9 +39,9 @@ import eval as metrics
 import sample
 import unet as unet_lib
 import vae as vae_lib
-import world
+from toyworld import world
 
-ASSETS = Path(__file__).resolve().parent / "assets" / "toy"
+ASSETS = Path(__file__).resolve().parents[1] / "assets" / "toy"
 SD_FILE, EVAL_FILE = ASSETS / "toy_sd.safetensors", ASSETS / "toy_eval.safetensors"
 SIZE = 64  # image side; the VAE makes 16x16x4 latents of it
 
@@ -523,14 +523,14 @@ def report(sd_model, ev, n=128, n_subject=8, steps=50, guidance_scale=7.5, seed=
                           "class_prompt_dino": metrics.dino(ev, gen, r)}
     if grid_path is not None:
         Path(grid_path).parent.mkdir(parents=True, exist_ok=True)
-        world.grid(list(zip(fake[:32], prompts[:32]))).save(grid_path)
+        sample.labelled_grid(list(zip(fake[:32], prompts[:32]))).save(grid_path)
     if vae_grid_path is not None:                   # renders above their reconstructions, subjects included
         firsts = [ref_labels.index(name) for name in list(world.SUBJECTS)[::len(world.SUBJECTS) // 8][:8]]
         refs_recon = reconstruct(sd_model, [refs[i] for i in firsts])
         cells = [(im, "render") for im in real[:8]] + [(im, "VAE") for im in recon[:8]]
         cells += [(refs[i], ref_labels[i]) for i in firsts] + [(im, "VAE") for im in refs_recon]
         Path(vae_grid_path).parent.mkdir(parents=True, exist_ok=True)
-        world.grid(cells, cols=8, zoom=3).save(vae_grid_path)
+        sample.labelled_grid(cells, cols=8, zoom=3).save(vae_grid_path)
     return {"chain": chain, "subjects": subjects,
             "settings": dict(n=n, steps=steps, guidance_scale=guidance_scale, seed=seed, n_subject=n_subject,
                              personalized=personalized, base=None if base_path is None else str(base_path))}
