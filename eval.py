@@ -134,6 +134,13 @@ def mean_pairwise_cosine(a, b, exclude_self=False):
     return sim.mean().item()
 
 
+def reference_fidelity(ev, references):
+    """CLIP-I and DINO of a subject's references against each other (each pair once, no image against itself): the
+    most a generated image can be expected to score."""
+    return {"clip_i": mean_pairwise_cosine(*[clip_image_embeds(ev, references)] * 2, exclude_self=True),
+            "dino": mean_pairwise_cosine(*[dino_embeds(ev, references)] * 2, exclude_self=True)}
+
+
 def clip_i(ev, generated, references):
     """CLIP-I: mean cosine between the CLIP embeddings of every generated and every reference image."""
     return mean_pairwise_cosine(clip_image_embeds(ev, generated), clip_image_embeds(ev, references))

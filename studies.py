@@ -199,14 +199,16 @@ def prepare_bases(bases, subjects, classes, args):
     """Base files and class images for every base model used, made before any job starts (no two jobs race); under
     torchrun by the first process while the others wait."""
     rank, world = shard()
-    if rank == 0:
-        files = {b: base_path(b, args.out) for b in bases}
-        specs = [dict(base_file=str(files[b]), cls=c, n=args.num_class_images, dir=str(class_dir(args.out, b, c)))
-                 for b in bases for c in sorted({classes[s] for s in subjects})]
-        in_workers(make_class_images, specs, args.workers)
+    if rank > 0:
+        dist.barrier()                                      # the first process makes them; then they are found
+        return {b: base_path(b, args.out) for b in bases}
+    files = {b: base_path(b, args.out) for b in bases}
+    specs = [dict(base_file=str(files[b]), cls=c, n=args.num_class_images, dir=str(class_dir(args.out, b, c)))
+             for b in bases for c in sorted({classes[s] for s in subjects})]
+    in_workers(make_class_images, specs, args.workers)
     if world > 1:
         dist.barrier()
-    return {b: base_path(b, args.out) for b in bases}
+    return files
 
 
 def jobs_for(variants, subjects, classes, files, args, folder="runs"):
@@ -529,35 +531,39 @@ def paired_row(claim, what, a, b, key, direction=1, margin=None):
             f"{len(subjects)} | {verdict(lo, hi, direction, margin)} |")
 
 
+def scores_at(results, variant, step=None):
+    """{subject: scores} of one variant of a study's stored results, at `step` (default: its last scored step)."""
+    return {s: v[variant][step or max(v[variant], key=int)] for s, v in results.items() if variant in v}
+
+
 def verdict_rows(tradeoff, main, intervals):
     """The verdict table's rows (claims 1-7 of the README) from the stored results of three studies."""
-    at = lambda res, variant, step=None: {s: (v[variant][step] if step else v[variant][max(v[variant], key=int)])
-                                          for s, v in res.items() if variant in v}
     rows = []
     steps = sorted({int(n) for v in tradeoff.values() for n in v["prior"]})
     first, last = str(steps[1] if steps[0] == 0 else steps[0]), str(steps[-1])
     for key, d in (("clip_i", 1), ("dino", 1), ("clip_t", -1)):
         rows.append(paired_row("1. trade-off", f"baseline at {last} minus {first} steps",
-                               at(tradeoff, "prior", last), at(tradeoff, "prior", first), key, d))
-    base, full = at(main, "W4A8 peqa"), at(main, "FP DreamBooth (full)")
+                               scores_at(tradeoff, "prior", last), scores_at(tradeoff, "prior", first), key, d))
+    base, full = scores_at(main, "W4A8 peqa"), scores_at(main, "FP DreamBooth (full)")
     for claim, method, other, label in (("2. S1 beats the baseline", "W4A8 s1", base, "S1 - baseline"),
                                         ("3. S2 beats the baseline", "W4A8 s2", base, "S2 - baseline"),
-                                        ("3. S2 beats S1", "W4A8 s2", at(main, "W4A8 s1"), "S2 - S1"),
+                                        ("3. S2 beats S1", "W4A8 s2", scores_at(main, "W4A8 s1"), "S2 - S1"),
                                         ("4. S1 + S2 beats the baseline", "W4A8 s1+s2", base, "S1+S2 - baseline")):
         for key in ("local_clip_i", "clip_i", "dino"):
-            rows.append(paired_row(claim, label, at(main, method), other, key))
-        rows.append(paired_row(claim, label + f" (no loss: > -{MARGIN})", at(main, method), other, "clip_t",
+            rows.append(paired_row(claim, label, scores_at(main, method), other, key))
+        rows.append(paired_row(claim, label + f" (no loss: > -{MARGIN})", scores_at(main, method), other, "clip_t",
                                margin=MARGIN))
     for method in ("W4A8 s1", "W4A8 s2", "W4A8 s1+s2"):
         for key in ("clip_i", "dino"):
-            rows.append(paired_row("5. close to FP DreamBooth", f"{method[5:]} - full (> -{MARGIN})", at(main, method),
-                                   full, key, margin=MARGIN))
-    s1, s2 = at(main, "W4A8 s1"), at(main, "W4A8 s2")
+            rows.append(paired_row("5. close to FP DreamBooth", f"{method[5:]} - full (> -{MARGIN})",
+                                   scores_at(main, method), full, key, margin=MARGIN))
+    s1, s2 = scores_at(main, "W4A8 s1"), scores_at(main, "W4A8 s2")
     for key in ("trainable", "file_mib", "train_seconds"):
         rows.append(paired_row("6. S2 costs more than S1", "S2 - S1", s2, s1, key))
     fifths = [v for v in next(iter(intervals.values())) if v.startswith("t ")]
-    untrained = at(intervals, "all t (baseline)", "0")
-    gains = {s: {v: at(intervals, v)[s]["dino"] - untrained[s]["dino"] for v in fifths} for s in intervals}
+    untrained = scores_at(intervals, "all t (baseline)", "0")
+    trained = {v: scores_at(intervals, v) for v in fifths}
+    gains = {s: {v: trained[v][s]["dino"] - untrained[s]["dino"] for v in fifths} for s in intervals}
     chosen, rest = {}, {}
     for s, g in gains.items():             # the fifth the *other* subjects gain most from: no subject picks its own
         others = [o for o in gains if o != s] or [s]
@@ -566,8 +572,9 @@ def verdict_rows(tradeoff, main, intervals):
     rows.append(paired_row("7. a key interval exists", "the other subjects' best fifth of t - the other fifths "
                            "(DINO gain)", chosen, rest, "dino"))
     for key in ("clip_i", "dino"):
-        rows.append(paired_row("7. it is found from data", "S1 auto - baseline", at(intervals, "S1 auto (per subject)"),
-                               at(intervals, "all t (baseline)"), key))
+        rows.append(paired_row("7. it is found from data", "S1 auto - baseline",
+                               scores_at(intervals, "S1 auto (per subject)"), scores_at(intervals, "all t (baseline)"),
+                               key))
     return rows
 
 

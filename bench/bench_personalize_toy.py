@@ -70,6 +70,7 @@ def main():
           "intervals over subjects\n")
     print("| method | CLIP-I before | CLIP-I after | gain (paired) | DINO before | DINO after | gain (paired) |")
     print("|---|---|---|---|---|---|---|")
+    means = {}                                                     # method: {metric: (before, after)}
     for m in methods:
         before = [results[f"{s}/before_{'fp' if m == 'full' else 'q'}"] for s in subjects]
         after = [results[f"{s}/{m}"] for s in subjects]
@@ -81,21 +82,14 @@ def main():
             gain = [a[k] - b[k] for a, b in zip(after, before)]
             mean, lo, hi = metrics.confidence_interval(gain)
             cells.append(f"{mean:+.3f} ({lo:+.3f} to {hi:+.3f}), {sum(g > 0 for g in gain)}/{len(gain)} up")
+            means.setdefault(m, {})[k] = tuple(sum(r[k] for r in rows) / len(rows) for rows in (before, after))
         print(f"| {m} | " + " | ".join(cells) + " |")
-    refs = [metrics.read_images(root / s) for s in subjects]       # the ceiling: each reference against the others
-    ceiling = {k: sum(metrics.mean_pairwise_cosine(*[f(EV, r)] * 2, exclude_self=True) for r in refs) / len(refs)
-               for k, f in (("CLIP-I", metrics.clip_image_embeds), ("DINO", metrics.dino_embeds))}
-    print("\nreferences vs each other: " + ", ".join(f"{k} {v:.3f}" for k, v in ceiling.items())
-          + "; gap closed (after - before) / (references - before): " + ", ".join(
-              f"{m} " + " / ".join(f"{100 * gap(results, subjects, m, k, ceiling[n]):.0f}%"
-                                   for k, n in (("clip_i", "CLIP-I"), ("dino", "DINO"))) for m in methods))
-
-
-def gap(results, subjects, method, key, ceiling):
-    """The share of the distance from the untrained model's mean score to the references' that training covered."""
-    before = sum(results[f"{s}/before_{'fp' if method == 'full' else 'q'}"][key] for s in subjects) / len(subjects)
-    after = sum(results[f"{s}/{method}"][key] for s in subjects) / len(subjects)
-    return (after - before) / (ceiling - before)
+    ceilings = [metrics.reference_fidelity(EV, metrics.read_images(root / s)) for s in subjects]
+    ceiling = {k: sum(c[k] for c in ceilings) / len(ceilings) for k in ("clip_i", "dino")}
+    gap = lambda m, k: (means[m][k][1] - means[m][k][0]) / (ceiling[k] - means[m][k][0])  # noqa: E731
+    print(f"\nreferences vs each other: CLIP-I {ceiling['clip_i']:.3f}, DINO {ceiling['dino']:.3f}; gap closed "
+          "(after - before) / (references - before): "
+          + ", ".join(f"{m} {100 * gap(m, 'clip_i'):.0f}% / {100 * gap(m, 'dino'):.0f}%" for m in methods))
 
 
 if __name__ == "__main__":

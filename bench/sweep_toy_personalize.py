@@ -23,7 +23,6 @@ import ckpt  # noqa: E402
 import eval as metrics  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
-from toyworld import world  # noqa: E402
 
 CONFIGS = ("full:5e-5:200,full:2e-4:400,full:1e-3:400,"
            "peqa:2e-4:200,peqa:1e-3:400,peqa:3e-3:400,peqa:1e-2:400,peqa:3e-3:1000,peqa:1e-2:1000")
@@ -76,8 +75,7 @@ def main():
                                                                                              + ".png"))
         (out / "results.json").write_text(json.dumps(results, indent=2))
         print(f"{name}: " + "  ".join(f"{k} {v:.3f}" for k, v in results[name].items()), flush=True)
-    ref_scores = {"clip_i": metrics.mean_pairwise_cosine(*[metrics.clip_image_embeds(EV, refs)] * 2, exclude_self=True),
-                  "dino": metrics.mean_pairwise_cosine(*[metrics.dino_embeds(EV, refs)] * 2, exclude_self=True)}
+    ref_scores = metrics.reference_fidelity(EV, refs)
     print(f"\n{args.subject}: {len(TEMPLATES)} prompts x {args.n_images} samples, 25 DDIM steps, guidance 7.5"
           f"{', prior preservation' if args.prior else ''}\n")
     print("| config (method:lr:steps) | CLIP-I | DINO | CLIP-T |\n|---|---|---|---|")
