@@ -281,10 +281,11 @@ def decode_images(sd, latents):
 
 
 def generate(sd, prompt, negative_prompt="", seed=0, num_inference_steps=50, guidance_scale=7.5, height=None,
-             width=None, scheduler="ddim", eta=0.0, num_images_per_prompt=1, output_type="pil"):
+             width=None, scheduler="ddim", eta=0.0, num_images_per_prompt=1, output_type="pil", latents=None):
     """Prompt(s) -> list of PIL images (all images of prompt 0 first), or the latents (B,C,h,w) with
     output_type="latent". Same seed and settings as diffusers' pipeline with a CPU generator -> same images.
-    height and width default to the size the model was trained at (unet.config.sample_size latents)."""
+    height and width default to the size the model was trained at (unet.config.sample_size latents). `latents`,
+    as in diffusers, gives x_T instead of drawing it (then `seed` only feeds DDIM's eta noise): see initial_noise."""
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
     if len(negatives) != len(prompts):
@@ -302,10 +303,23 @@ def generate(sd, prompt, negative_prompt="", seed=0, num_inference_steps=50, gui
     # one CPU generator draws x_T and then every DDIM eta noise, in that order
     generator = torch.Generator("cpu").manual_seed(seed)
     shape = (len(ctx), sd.unet.config.in_channels, height // f, width // f)
-    latents = randn(shape, generator, param.device, param.dtype)
+    if latents is None:
+        latents = randn(shape, generator, param.device, param.dtype)
+    elif tuple(latents.shape) != shape:
+        raise ValueError(f"latents must have shape {shape} for these prompts and sizes, got {tuple(latents.shape)}")
+    latents = latents.to(param)
     latents = sample_latents(sd.unet, ctx, uncond_ctx, latents, num_inference_steps, guidance_scale, scheduler, eta,
                              generator)
     return latents if output_type == "latent" else decode_images(sd, latents)
+
+
+def initial_noise(sd, n, seed, height=None):
+    """The x_T that generate() draws for n images from `seed` (on the model's device and dtype): stacking the
+    noise of several prompts, each from its own seed, samples them in one batch as they would come one by one."""
+    f, param = vae_scale_factor(sd.vae), next(sd.unet.parameters())
+    side = (height or f * sd.unet.config.sample_size) // f
+    generator = torch.Generator("cpu").manual_seed(seed)
+    return randn((n, sd.unet.config.in_channels, side, side), generator, param.device, param.dtype)
 
 
 def image_grid(images):

@@ -110,7 +110,8 @@ def score(base, scales, subject, cls, settings):
     templates = prompt_order(metrics.templates_for(cls, objects, live))[:settings["n_prompts"]]
     scores, _, _ = metrics.score_model(base, scales, _EV, metrics.read_images(root / subject), cls, templates, "sks",
                                        settings["n_images"], settings["seed"],
-                                       num_inference_steps=settings["num_inference_steps"], guidance_scale=7.5)
+                                       num_inference_steps=settings["num_inference_steps"], guidance_scale=7.5,
+                                       batch_images=settings["batch_images"])
     return scores
 
 
@@ -215,7 +216,7 @@ def jobs_for(variants, subjects, classes, files, args, folder="runs"):
     """variants: {name: (base, method, prior, steps)} -> job specs; the run folder is named by what it trains, so
     two studies that need the same run share it (the trade-off's runs, scored on the way, live apart)."""
     settings = {k: getattr(args, k) for k in ("n_prompts", "n_images", "num_inference_steps", "seed",
-                                              "num_class_images")}
+                                              "num_class_images", "batch_images")}
     settings["toy_sha256"] = ckpt.sha256(ckpt.TOY_CKPT)     # cached scores of another toy model are not reused
     jobs = []
     for s in subjects:
@@ -607,7 +608,10 @@ def main(argv=None):
                    "or the first N in prompt_order (9: every third, the shorter protocol)")
     p.add_argument("--n_images", type=int, default=2, help="images per prompt")
     p.add_argument("--num_inference_steps", type=int, default=25, help="DDIM steps per image (25 scores as 50 "
-                   "within 0.006 on the toy model: bench/ddim_steps_toy.py)")
+                   "within 0.006 on the toy model: bench/sampling_toy.py)")
+    p.add_argument("--batch_images", type=int, default=50, help="images denoised in one batch when scoring (whole "
+                   "templates; 1: one template at a time). 50 takes half the time of 2 on the toy model; on a W4A8 "
+                   "model the float rounding of another batch size moves some images (bench/eval_batch_toy.py)")
     p.add_argument("--num_class_images", type=int, default=20, help="class images for the prior preservation loss, "
                    "per class")
     p.add_argument("--seed", type=int, default=0, help="seeds the training runs and the evaluation samples")

@@ -1,4 +1,5 @@
 """The metrics: CLIP-I, CLIP-T, DINO and zero-shot accuracy, on small random encoders (the identities hold for any)."""
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -137,3 +138,17 @@ def test_evaluate_subject_without_evaluators_only_draws():
     scores, ims, prompts = metrics.evaluate_subject(sd, None, [], "mug", ["a {0} {1} in the snow"], "sks", 2, 0,
                                                     num_inference_steps=2)
     assert scores == {} and len(ims) == 2 and prompts == ["a mug in the snow"] * 2
+
+
+def test_batched_templates_draw_the_same_images():
+    """batch_images stacks each template's own x_T (seed + i), so a batch of three templates draws what one template
+    at a time does (to a grey level of float rounding, on the float toy model); eta > 0 cannot be batched."""
+    sd = ckpt.load_sd(ckpt.TOY_CKPT)
+    tpl = ["a {0} {1} in the snow", "a red {0} {1}", "a {0} {1} on the beach"]
+    _, one, p1 = metrics.evaluate_subject(sd, None, [], "mug", tpl, "sks", 2, 5, num_inference_steps=3)
+    _, many, p2 = metrics.evaluate_subject(sd, None, [], "mug", tpl, "sks", 2, 5, batch_images=6,
+                                           num_inference_steps=3)
+    diff = np.abs(np.stack([np.asarray(a, np.int16) for a in one]) - np.stack([np.asarray(b, np.int16) for b in many]))
+    assert p1 == p2 and len(many) == 6 and diff.max() <= 1 and diff.mean() < 0.01
+    with pytest.raises(ValueError, match="eta > 0"):
+        metrics.evaluate_subject(sd, None, [], "mug", tpl, "sks", 2, 5, batch_images=6, eta=0.5, num_inference_steps=2)

@@ -180,6 +180,25 @@ def test_generate_matches_diffusers(tiny_pipe, scheduler, eta, prompt, negative,
     assert np.abs(ours_np - ref).mean() < 1 / 255
 
 
+def test_given_latents_match_diffusers(tiny_pipe):
+    """latents= replaces the drawn x_T as diffusers' pipeline argument does; initial_noise(seed) is what the seed draws;
+    a wrong shape is refused."""
+    pipe, folder = tiny_pipe
+    sd = ckpt.load_sd(folder)
+    pipe.scheduler = reference("ddim")
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(11))
+    settings = dict(num_inference_steps=4, guidance_scale=7.5, height=64, width=64)
+    ours = sample.generate(sd, ["a cat", "a dog"], output_type="latent", latents=noise, **settings)
+    ref = pipe(["a cat", "a dog"], latents=noise, output_type="latent", **settings).images
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+    drawn = sample.generate(sd, "a cat", seed=3, output_type="latent", num_images_per_prompt=2, **settings)
+    given = sample.generate(sd, "a cat", output_type="latent", num_images_per_prompt=2,
+                            latents=sample.initial_noise(sd, 2, 3, height=64), **settings)
+    assert torch.equal(drawn, given)
+    with pytest.raises(ValueError, match="latents must have shape"):
+        sample.generate(sd, "a cat", latents=noise, **settings)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # command line
 
