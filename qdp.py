@@ -89,6 +89,7 @@ def personalize(args, base, out, subject_dir, cls):
                               instance_prompt=f"a photo of {args.token} {cls}", with_prior_preservation=True,
                               class_prompt=f"a photo of a {cls}", class_data_dir=out / "class_images",
                               num_class_images=args.num_class_images, output_dir=run, seed=args.seed,
+                              class_inference_steps=args.class_inference_steps,
                               device=args.device, max_train_steps=args.max_train_steps or None,
                               resume=(run / train.STATE_FILE).is_file(), **METHODS[method])
             (run / "seconds.txt").write_text(f"{time.time() - t0:.1f}\n")
@@ -209,6 +210,7 @@ def parse_args(argv=None):
                    f"{train.TOY_DEFAULTS['max_train_steps']} on the toy model)")
     p.add_argument("--num_class_images", type=int, default=None, help="class images for the prior preservation "
                    "loss; unset: 20 on the toy model, 100 on SD")
+    p.add_argument("--class_inference_steps", type=int, default=50, help="DDIM steps per class image (train.py's)")
     p.add_argument("--n_prompts", type=int, default=None, help="the first N evaluation templates, of every "
                    "third of the 25 on the toy model (9) or of all 25 on SD; unset: all of them")
     p.add_argument("--n_images", type=int, default=None, help="images per prompt; unset: 2 on the toy model, 4 on SD")
@@ -238,7 +240,8 @@ def parse_args(argv=None):
         p.error("CUDA is not available here; use --device cpu")
     if not math.isfinite(args.guidance_scale):
         p.error(f"--guidance_scale must be a finite number, e.g. 7.5, got {args.guidance_scale}")
-    for name in ("n_prompts", "n_images", "num_class_images", "max_train_steps", "quant_iters"):
+    for name in ("n_prompts", "n_images", "num_class_images", "max_train_steps", "quant_iters",
+                 "class_inference_steps"):
         if getattr(args, name) is not None and getattr(args, name) < (0 if name == "quant_iters" else 1):
             p.error(f"--{name} must be at least {0 if name == 'quant_iters' else 1}")
     return args
@@ -270,7 +273,9 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     check_reuse(out, {k: str(getattr(args, k)) for k in ("ckpt", "wbits", "abits", "quant_iters", "token",
                                                          "max_train_steps", "num_class_images", "seed")}
-                | {"subject": str(subject_dir.resolve()), "class": cls, "ckpt_sha256": ckpt.sha256(args.ckpt)})
+                | {"subject": str(subject_dir.resolve()), "class": cls, "ckpt_sha256": ckpt.sha256(args.ckpt)}
+                | ({} if args.class_inference_steps == 50    # recorded when not the default: older qdp.json still match
+                   else {"class_inference_steps": args.class_inference_steps}))
     try:
         base = quantize(args, out)
         runs = personalize(args, base, out, subject_dir, cls)

@@ -44,6 +44,7 @@ def test_end_to_end_and_rerun_reuses_the_stages(tmp_path, capsys):
     (["--methods", "baseline,s3"], "unknown --methods s3"),
     (["--clip", "somewhere"], "give both --clip and --dino"),
     (["--ckpt", "missing.safetensors"], "does not exist"),
+    (["--class_inference_steps", "0"], "--class_inference_steps must be at least 1"),
 ])
 def test_bad_flags_stop_with_one_line(flags, message, capsys):
     with pytest.raises(SystemExit):
@@ -65,3 +66,18 @@ def test_change_rows_are_paired_differences():
     assert line == "| baseline | +0.100 (+0.100 to +0.100) | +0.100 (" + line.split("| +0.100 (")[2]
     lo, hi = (float(v) for v in line.split("| +0.100 (")[2].rstrip(") |").split(" to "))
     assert lo < 0.1 < hi
+
+
+def test_class_images_are_drawn_at_the_given_steps(tmp_path, monkeypatch):
+    """--class_inference_steps reaches train.py (bench/real_path.py found qdp drawing SD class images at 50 steps)."""
+    seen = []
+
+    def personalize(**settings):
+        seen.append(settings)
+        (tmp_path / "baseline").mkdir()
+        (tmp_path / "baseline" / "personalized.safetensors").write_bytes(b"")
+
+    monkeypatch.setattr(qdp.train, "personalize", personalize)
+    args = qdp.parse_args(["--methods", "baseline", "--class_inference_steps", "3"])
+    qdp.personalize(args, "base.safetensors", tmp_path, tmp_path, "dog")
+    assert [s["class_inference_steps"] for s in seen] == [3]
