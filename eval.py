@@ -190,7 +190,7 @@ def attention_map(sd, image, prompt, word, timesteps=(300, 500, 700), seed=0):
     """Where the model looks for `word`: the image is encoded, noised to each of `timesteps`, denoised once with the
     prompt, and the cross-attention probabilities of the word's tokens are averaged over heads, layers (each map
     upsampled to the latent size) and timesteps. Returns (h, w) in latent pixels, summing to 1."""
-    x = to_tensor([image]).to(next(sd.vae.parameters()).device) * 2 - 1
+    x = to_tensor([image]).to(next(sd.vae.parameters())) * 2 - 1            # the model's device and dtype
     z = sd.vae.encode_latents(x, sample=False)
     ctx = sample.encode_prompts(sd, [prompt])
     pos = word_positions(sd.tokenizer, prompt, word)
@@ -215,11 +215,11 @@ def attention_map(sd, image, prompt, word, timesteps=(300, 500, 700), seed=0):
         for t in timesteps:
             noise = torch.randn(z.shape, generator=g).to(z)
             a = ab[t]
-            sd.unet(a.sqrt() * z + (1 - a).sqrt() * noise, torch.tensor([t], device=z.device), ctx)
+            sd.unet((a.sqrt() * z + (1 - a).sqrt() * noise).to(z), torch.tensor([t], device=z.device), ctx)
     finally:
         for h in hooks:
             h.remove()
-    m = torch.stack(maps).mean(0)
+    m = torch.stack(maps).float().mean(0)
     return m / m.sum()
 
 
@@ -352,11 +352,11 @@ def evaluate_subject(sd, ev, references, cls, templates, token="sks", n_images=4
 
 
 def score_model(base, scales, ev, references, cls, templates, token="sks", n_images=4, seed=0, device="cpu",
-                per_image=False, batch_images=1, **sampling):
-    """The one path from files to scores that qdp.py, studies.py and `eval.py --dataset` share: load `base`, put
-    train.py's `scales` (PEQA, S2 experts or full weights; None: the base as it is) into it, then evaluate_subject.
-    Returns (scores, images, prompts)."""
-    sd = ckpt.load_sd(base, device=device)
+                per_image=False, batch_images=1, dtype=torch.float32, **sampling):
+    """The one path from files to scores that qdp.py, studies.py and `eval.py --dataset` share: load `base` (in
+    `dtype`: float16 halves a GPU's memory and time), put train.py's `scales` (PEQA, S2 experts or full weights; None:
+    the base as it is) into it, then evaluate_subject. Returns (scores, images, prompts)."""
+    sd = ckpt.load_sd(base, device=device, dtype=dtype)
     if scales is not None:
         ckpt.load_personalized(sd, scales, base_path=base)
     return evaluate_subject(sd, ev, references, cls, templates, token, n_images, seed, per_image, batch_images,
@@ -414,6 +414,7 @@ def run(args):
         scores, images, prompts = score_model(
             args.ckpt or ckpt.TOY_CKPT, args.scales.format(subject=name) if args.scales else None, ev,
             read_images(root / name), classes[name], templates, args.token, args.n_images, args.seed, args.device,
+            batch_images=args.batch_images or args.n_images, dtype=getattr(torch, args.dtype),
             num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale)
         results[name] = scores
         (out / "grids").mkdir(parents=True, exist_ok=True)
@@ -431,7 +432,8 @@ def run(args):
     results = {s: results[s] for s in subjects}                 # subject order, whatever the sharding
     summary = summarize(results)
     settings = {k: getattr(args, k) for k in ("ckpt", "scales", "dataset", "n_images", "n_prompts", "seed",
-                                              "num_inference_steps", "guidance_scale", "token")}
+                                              "num_inference_steps", "guidance_scale", "token", "dtype",
+                                              "batch_images")}
     (out / "results.json").write_text(json.dumps({"subjects": results, "summary": summary, "settings": settings},
                                                  indent=2))
     (out / "results.md").write_text(markdown(results, summary) + "\n")
@@ -459,6 +461,10 @@ if __name__ == "__main__":
     parser.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance when sampling")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first prompt's images; prompt i uses seed + i")
     parser.add_argument("--device", default="cpu", help="with --dataset: cpu or cuda, for the model")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None, help="with --dataset: "
+                        "the model's weights and activations; unset: float16 on cuda, float32 on cpu")
+    parser.add_argument("--batch_images", type=int, default=None, help="with --dataset: images denoised together "
+                        "(whole templates); unset: one template's --n_images")
     parser.add_argument("--out", default="runs/eval", help="folder for results.json, results.md and grids/")
     parser.add_argument("--clip", default=None, help="local CLIP ViT-B/32 folder; unset: the toy evaluator")
     parser.add_argument("--dino", default=None, help="local DINO ViT-S/16 folder; unset: the toy evaluator")
@@ -473,8 +479,9 @@ if __name__ == "__main__":
     if args.dataset:
         if args.scales and "{subject}" not in args.scales:
             parser.error("--scales needs {subject} in the path: one train.py output per subject")
-        if args.n_images < 1 or not 1 <= args.n_prompts <= 25:
-            parser.error("--n_images must be >= 1 and --n_prompts in 1..25")
+        if args.n_images < 1 or not 1 <= args.n_prompts <= 25 or (args.batch_images or 1) < 1:
+            parser.error("--n_images and --batch_images must be >= 1 and --n_prompts in 1..25")
+        args.dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
         if not math.isfinite(args.guidance_scale):
             parser.error(f"--guidance_scale must be a finite number, e.g. 7.5, got {args.guidance_scale}")
         try:

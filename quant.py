@@ -191,8 +191,9 @@ def capture(model, names, data, batch_size, inputs=False):
 
 
 def recon_loss(out, target):
-    """Squared error summed over channels (dim 1 of feature maps, the last dim of tokens), mean over the rest."""
-    return (out - target).pow(2).sum(1 if out.ndim == 4 else -1).mean()
+    """Squared error summed over channels (dim 1 of feature maps, the last dim of tokens), mean over the rest; in
+    float32 whatever the outputs' dtype (under --mixed_precision they come in bf16 or fp16)."""
+    return (out.float() - target.float()).pow(2).sum(1 if out.ndim == 4 else -1).mean()
 
 
 def rounding_loss(quantizers, i, iters, weight=0.01, b_range=(20, 2), warmup=0.2):
@@ -206,17 +207,26 @@ def rounding_loss(quantizers, i, iters, weight=0.01, b_range=(20, 2), warmup=0.2
 
 
 def reconstruct_unit(unit, inputs, target, params, iters, batch_size, lr, regularizer=None, cosine=False, seed=0):
-    """Adam on `params` (or param groups) bringing unit(*inputs) to target on random minibatches; the last loss."""
+    """Adam on `params` (or param groups) bringing unit(*inputs) to target on random minibatches; the last loss.
+    Under an fp16 autocast the loss is scaled (a GradScaler) so that small gradients survive; params stay float32."""
     device = next(unit.parameters()).device
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iters) if cosine else None
+    fp16 = torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) == torch.float16
+    scaler = torch.amp.GradScaler(device.type) if fp16 else None
     g = torch.Generator().manual_seed(seed)
     for i in range(iters) if iters < 1000 else sample.progress(range(iters), "AdaRound iterations", inner=True):
         idx = torch.randint(len(target), (batch_size,), generator=g)
         loss = recon_loss(unit(*[a[idx].to(device) for a in inputs]), target[idx].to(device))
         opt.zero_grad(set_to_none=True)
-        (loss if regularizer is None else loss + regularizer(i)).backward()
-        opt.step()
+        total = loss if regularizer is None else loss + regularizer(i)
+        if scaler is None:
+            total.backward()
+            opt.step()
+        else:
+            scaler.scale(total).backward()
+            scaler.step(opt)
+            scaler.update()
         if sched is not None:
             sched.step()
     return loss.item()
@@ -358,6 +368,9 @@ def parse_args(argv=None, **flags):
     parser.add_argument("--act_lr", type=float, default=None, help="Adam learning rate of the activation steps, "
                         f"relative to each step; {preset('act_lr')}")
     # run
+    parser.add_argument("--mixed_precision", choices=sorted(sample.PRECISIONS), default="no", help="calibration "
+                        "sampling and reconstruction forwards in bf16 or fp16 autocast (fp16 with loss scaling), "
+                        "for speed and half the captured activations on a GPU; codes, roundings and steps stay float32")
     parser.add_argument("--seed", type=int, default=0, help="seeds the prompts, latents and minibatches")
     parser.add_argument("--out", default=None, help="output .safetensors file; "
                         "unset: out/<ckpt name>_w<wbits>a<abits>_<method>.safetensors")
@@ -425,20 +438,24 @@ def quantize(args=None, **flags):
     for k, v in PRESETS[args.preset].items():
         setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     args.n_prompts = n_prompts or args.n_prompts
-    t0 = time.perf_counter()
+    t0, precision = time.perf_counter(), sample.PRECISIONS[args.mixed_precision]
     if calib is None and (args.method == "adaround" or args.abits < 32):          # plain W-only RTN needs no data
         prompts = args.prompts or default_prompts(sd, args.n_prompts, args.seed)
         prompts = [prompts[i % len(prompts)] for i in range(args.n_prompts)]
-        calib = calibrate(sd, prompts, args.num_inference_steps, args.calib_every, args.guidance_scale, args.seed)
+        with sample.autocast(args.device, precision):
+            calib = calibrate(sd, prompts, args.num_inference_steps, args.calib_every, args.guidance_scale, args.seed)
+        calib = {k: v.float() if v.is_floating_point() else v for k, v in calib.items()}
         if args.save_calib:
             save_calibration(args.save_calib, calib, {k: getattr(args, k) for k in
                                                       ("n_prompts", "num_inference_steps", "calib_every", "seed")})
     t1 = time.perf_counter()
-    sd_q = quantize_model(sd, args.wbits, args.abits, args.method, calib, args.softmax_bits, args.iters,
-                          args.act_iters, args.batch_size, args.lr, args.act_lr, args.seed)
+    with sample.autocast(args.device, precision):     # the forwards in bf16/fp16; codes, alphas and steps in float32
+        sd_q = quantize_model(sd, args.wbits, args.abits, args.method, calib, args.softmax_bits, args.iters,
+                              args.act_iters, args.batch_size, args.lr, args.act_lr, args.seed)
     t2 = time.perf_counter()
     sampling = ["n_prompts", "num_inference_steps", "calib_every", "guidance_scale"]
-    used = ["method", "preset", "seed", "batch_size"] + (["calib_data"] if args.calib_data else sampling)
+    used = ["method", "preset", "seed", "batch_size", "mixed_precision"] + (["calib_data"] if args.calib_data
+                                                                          else sampling)
     used += ["iters", "act_iters", "lr", "act_lr"] if args.method == "adaround" else []
     meta = {**{k: getattr(args, k) for k in used}, "calib_samples": len(calib["t"]) if calib else 0,
             "base": Path(args.ckpt).name, "base_sha256": ckpt.sha256(args.ckpt), "calib_seconds": round(t1 - t0, 1),

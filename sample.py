@@ -45,6 +45,15 @@ COMPVIS_SUFFIXES = (".safetensors", ".ckpt")  # --export to one of these writes 
 _THREADS_SAID = []
 
 
+PRECISIONS = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}   # --mixed_precision of train and quant
+
+
+def autocast(device, precision):
+    """torch.autocast on `device` ("cpu", "cuda:0" or a torch.device) in `precision` (None: off, float32 as it is)."""
+    kind = torch.device(device).type
+    return torch.autocast(kind, dtype=precision or torch.float32, enabled=precision is not None)
+
+
 def pick_threads(device="cpu"):
     """torch's CPU thread count for a command, said in one line (once per process). OMP_NUM_THREADS wins if set;
     otherwise one thread per core that other jobs leave free (cores minus the 1-minute load average, at least one):

@@ -51,7 +51,6 @@ OUT_FILE, STATE_FILE = "personalized.safetensors", "state.safetensors"
 # defaults of the paper's official scripts (SD v1.4, 512 px, batch 1); the toy model's learning rates were measured
 # here with prior preservation (bench/sweep_toy_personalize.py on 3 subjects: the README's PEQA trade-off table)
 REAL_DEFAULTS = dict(learning_rate=3e-6, max_train_steps=400, full_learning_rate=5e-6)
-PRECISIONS = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOY_DEFAULTS = dict(learning_rate=1e-3, max_train_steps=400, full_learning_rate=2e-4)
 
 
@@ -297,7 +296,7 @@ def train_step(model, batch, precision=None, scaler=None):
         unet = model if k is None else model.unet
         if k is not None:
             model.use(k)
-        with torch.autocast(t.device.type, dtype=precision or torch.float32, enabled=precision is not None):
+        with sample.autocast(t.device, precision):
             eps = unet(batch["x_t"][idx], t[idx], batch["ctx"][idx])
         per_sample = F.mse_loss(eps.float(), batch["noise"][idx].float(), reduction="none").mean(dim=(1, 2, 3))
         group_loss = (batch["weight"][idx] * per_sample).sum()
@@ -509,7 +508,7 @@ def run(args):
           + (f", {args.n_experts} experts over t bounds {args.bounds}" if args.n_experts > 1 else "")
           + f"; t drawn from {args.t_range[0]}..{args.t_range[1]}")
     optimizer = torch.optim.AdamW(params.values(), lr=args.learning_rate, weight_decay=args.adam_weight_decay)
-    precision = PRECISIONS[args.mixed_precision]
+    precision = sample.PRECISIONS[args.mixed_precision]
     scaler = torch.amp.GradScaler(sd.device.type) if precision == torch.float16 else None
     rng = torch.Generator().manual_seed(args.seed)
     config, start, losses = run_config(args), 0, []
@@ -593,7 +592,7 @@ def parser():
                    f"{TOY_DEFAULTS['max_train_steps']} on the toy model")
     p.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW's decoupled weight decay")
     p.add_argument("--max_grad_norm", type=float, default=1.0, help="clip the gradient norm to this")
-    p.add_argument("--mixed_precision", choices=sorted(PRECISIONS), default="no", help="the UNet's forward in "
+    p.add_argument("--mixed_precision", choices=sorted(sample.PRECISIONS), default="no", help="the UNet's forward in "
                    "bf16 or fp16 autocast (fp16 with loss scaling), as diffusers' DreamBooth script; the trained "
                    "tensors and AdamW stay float32. bf16 also runs on a CPU")
     p.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=True,
