@@ -8,7 +8,7 @@ max_memory_allocated; on a GPU, torch.cuda.max_memory_allocated. The two timeste
 S2's worst case (two groups, each with its own forward and backward).
 
     python bench/bench_train.py                       # W4 S2 (4 experts), W4 PEQA, FP32 full; a few minutes
-    python bench/bench_train.py --cases s2_w4 full --device cuda
+    python bench/bench_train.py --cases s2_w4 full --device cuda --steps 6      # median of 5 after a warm-up
     python bench/bench_train.py --counts               # trainable numbers of every case, no step (seconds)
 """
 import argparse
@@ -42,10 +42,13 @@ def status_mb(field):
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
 
 
-def build(method, wbits, abits, device):
+SIZES = {"sd_v1": unet_lib.sd_v1, "tiny": unet_lib.tiny}     # tiny: a quick check of this script itself
+
+
+def build(method, wbits, abits, device, size="sd_v1"):
     """A random SD v1 UNet: FP32 for full; for PEQA a quantized skeleton filled with random codes and plausible
     scales, so no FP32 copy ever exists in the process."""
-    cfg = unet_lib.sd_v1()
+    cfg = SIZES[size]()
     if method == "full":
         with torch.device(device):
             return unet_lib.UNet(cfg)
@@ -80,30 +83,37 @@ def counts():
         print(f"| {case} | {n:,} | {n // experts:,} |")
 
 
-def child(case, device):
+def child(case, device, steps=1, size="sd_v1"):
+    """One case in this process: `steps` training steps on one batch; the time is the median step's, and with more
+    than one step the first (CUDA's warm-up: kernel choice, allocator) is left out."""
     method, wbits, abits, experts, multi = CASES[case]
     if device == "cpu":
         train.lean_malloc()                      # as train.py does on a CPU
-    unet = build(method, wbits, abits, device)
+    unet = build(method, wbits, abits, device, size)
+    side, width = unet.config.sample_size, unet.config.context_dim
     built = torch.cuda.memory_allocated() / 2**20 if device == "cuda" else status_mb("VmRSS")
     sd = ckpt.StableDiffusion(unet, None, None, None)
     model, params = train.trainable(sd, method, experts, train.expert_bounds(experts), multi)
     unet.gradient_checkpointing = True
     optimizer = torch.optim.AdamW(params.values(), lr=1e-6)
     g = torch.Generator().manual_seed(0)
-    batch = dict(x_t=torch.randn(2, 4, 64, 64, generator=g).to(device), t=torch.tensor([100, 700], device=device),
-                 ctx=torch.randn(2, 77, 768, generator=g).to(device),
-                 noise=torch.randn(2, 4, 64, 64, generator=g).to(device), weight=torch.tensor([1.0, 1.0]).to(device))
+    batch = dict(x_t=torch.randn(2, 4, side, side, generator=g).to(device), t=torch.tensor([100, 700], device=device),
+                 ctx=torch.randn(2, 77, width, generator=g).to(device),
+                 noise=torch.randn(2, 4, side, side, generator=g).to(device),
+                 weight=torch.tensor([1.0, 1.0]).to(device))
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    optimizer.zero_grad(set_to_none=True)
-    train.train_step(model, batch)
-    optimizer.step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        train.train_step(model, batch)
+        optimizer.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    seconds = sorted(times[1:] or times)[len(times[1:] or times) // 2]
     peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else status_mb("VmHWM")
     trainable = sum(p.numel() for p in params.values())
     print(json.dumps(dict(case=case, built_mb=built, peak_mb=peak, seconds=seconds, trainable=trainable,
@@ -115,23 +125,27 @@ def main():
     p.add_argument("--cases", nargs="+", choices=list(CASES), default=["s2_w4", "peqa_w4", "full"])
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--counts", action="store_true", help="only print the trainable numbers of every case")
+    p.add_argument("--steps", type=int, default=1, help="steps per case; the median is reported, the first left out")
+    p.add_argument("--size", choices=sorted(SIZES), default="sd_v1", help="the UNet (tiny: check this script)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        return child(args.child, args.device)
+        return child(args.child, args.device, args.steps, args.size)
     if args.counts:
         return counts()
     torch_mb = subprocess.run([sys.executable, "-c", "import torch, transformers; print(open('/proc/self/status')"
                                ".read().split('VmHWM:')[1].split()[0])"], capture_output=True, text=True).stdout
     rows = []
     for case in args.cases:
-        out = subprocess.run([sys.executable, __file__, "--child", case, "--device", args.device],
+        out = subprocess.run([sys.executable, __file__, "--child", case, "--device", args.device, "--steps",
+                              str(args.steps), "--size", args.size],
                              capture_output=True, text=True)
         if out.returncode:
             sys.exit(f"{case} failed:\n{out.stderr[-2000:]}")
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     full = next((r for r in rows if r["case"] == "full"), None)
-    print(f"SD v1 UNet, one training step, batch 1 instance + 1 class, 64x64 latents, {args.device}"
+    timed = "one training step" if args.steps == 1 else f"median of {args.steps - 1} steps after the first"
+    print(f"{args.size} UNet, {timed}, batch 1 instance + 1 class, 64x64 latents, {args.device}"
           + (f"; an idle python with torch imported holds {int(torch_mb) / 1024:.0f} MB" if args.device == "cpu" else ""))
     print("| case | trainable numbers (per expert) | peak memory (GB) | vs full | step time (s) |")
     print("|---|---|---|---|---|")

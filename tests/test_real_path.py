@@ -3,6 +3,7 @@ the bench writes SD v1.5, CLIP ViT-B/32 and DINO ViT-S/16 shapes with the same c
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.loaders import single_file_utils as ldm
@@ -53,3 +54,14 @@ def test_evaluator_folders_open_in_transformers(tmp_path):
                                                                                                                512)
     assert (full["dino"]["patch_size"], full["dino"]["hidden_size"], full["dino"]["num_attention_heads"]) == (16, 384,
                                                                                                               6)
+
+
+@pytest.mark.slow
+def test_whole_path_runs_on_tiny_shapes(tmp_path):
+    """Every stage of bench/real_path.py, as at full size, on tiny shapes (about 90 s; `pytest -m slow`)."""
+    if not real_path.PHOTOS.is_dir():
+        pytest.skip(f"no photos at {real_path.PHOTOS}")
+    real_path.main(["--size", "tiny", "--work", str(tmp_path)])
+    table = (tmp_path / "table.md").read_text()
+    assert all(stage in table for stage, _, _ in real_path.commands(tmp_path, "tiny"))
+    assert (tmp_path / "qdp" / "report.md").is_file() and (tmp_path / "export_diffusers" / "model_index.json").is_file()
