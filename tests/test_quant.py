@@ -89,6 +89,25 @@ def test_rtn_error_is_at_most_half_a_step(n_bits):
     assert a.enabled and ((a(x) - x).abs() <= a.scale / 2 * (1 + 1e-5))[inside].all()
 
 
+def test_range_search_in_blocks_equals_the_plain_search():
+    """search_range's in-place blocked loop gives the plain formula's choice exactly: for each ratio, the whole
+    tensor's |q(x) - x|^2.4 summed per row, the least error's range kept."""
+    x = torch.randn(40, 300) * torch.rand(40, 1) + 0.1 * torch.randn(40, 1)
+    qmax, lo, hi = 15, x.amin(1, keepdim=True).clamp(max=0), x.amax(1, keepdim=True).clamp(min=0)
+    errors, ranges = [], []
+    for r in qlayers.RATIOS:
+        s = ((hi - lo) * r / qmax).clamp(min=1e-8)
+        z = torch.round(-lo * r / s)
+        errors.append(((torch.clamp(torch.round(x / s) + z, 0, qmax) - z) * s - x).abs().pow(2.4).sum(1))
+        ranges.append((s[:, 0], z[:, 0]))
+    pick = torch.stack(errors).argmin(0)                 # first of equal minima, as the strict < keeps
+    want_s = torch.stack([ranges[k][0][i] for i, k in enumerate(pick.tolist())])
+    want_z = torch.stack([ranges[k][1][i] for i, k in enumerate(pick.tolist())])
+    for block in (1, 900, 2**17):                        # one row, three rows, all rows per block
+        s, z = qlayers.search_range(x, 4, block=block)
+        assert torch.equal(s[:, 0], want_s) and torch.equal(z[:, 0], want_z)
+
+
 def test_soft_rounding_equals_the_fraction_at_init():
     """AdaRound starts where the float weight is: h(alpha) = frac(w / scale), so the soft weight equals w in range."""
     w = torch.randn(6, 20)
