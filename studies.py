@@ -10,7 +10,8 @@ a table, a plot and its section of the README.
 3. experts: S2 with 1, 2, 4 and 8 experts.
 4. intervals: the proof of concept behind S1: the baseline trained at the t of one fifth of 0..999 at a time, next
    to all of t, S1's content interval and the interval train.py's --t_range auto chooses per subject.
-5. verdicts: one row per claim of the paper (the README's list), each a paired difference over subjects with its 95%
+5. grid: references, then what the untrained model and each method draw, for three subjects (after main).
+6. verdicts: one row per claim of the paper (the README's list), each a paired difference over subjects with its 95%
    interval and one word (reproduced, not reproduced, inconclusive), computed from what 1, 2 and 4 stored.
 Every run covers all toy subjects; means come with 95% bootstrap intervals over subjects. The prompts are all 25 of a
 subject's DreamBooth templates (`--n_prompts 9`: every third, the shorter protocol of the first studies), two images
@@ -518,10 +519,9 @@ def verdict(lo, hi, direction=1, margin=None):
 
 
 def stored(args, name):
+    """A study's stored results, or None if it has not been run into this --out."""
     path = Path(args.out) / name / "results.json"
-    if not path.is_file():
-        raise SystemExit(f"error: {path} is missing; run `python studies.py {name}` first")
-    return json.loads(path.read_text())
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def paired_row(claim, what, a, b, key, direction=1, margin=None):
@@ -537,14 +537,30 @@ def scores_at(results, variant, step=None):
     return {s: v[variant][step or max(v[variant], key=int)] for s, v in results.items() if variant in v}
 
 
+def not_run(claims, study):
+    return [f"| {c} | - | - | - | 0 | not run yet (`python studies.py {study}`) |" for c in claims]
+
+
 def verdict_rows(tradeoff, main, intervals):
-    """The verdict table's rows (claims 1-7 of the README) from the stored results of three studies."""
+    """The verdict table's rows (claims 1-7 of the README) from the stored results of three studies (None: a study
+    not run yet, whose claims get a row that says so)."""
+    return ((tradeoff_rows(tradeoff) if tradeoff else not_run(["1. trade-off"], "tradeoff"))
+            + (main_rows(main) if main else not_run(["2.-6. the methods"], "main"))
+            + (interval_rows(intervals) if intervals else not_run(["7. a key interval"], "intervals")))
+
+
+def tradeoff_rows(tradeoff):
     rows = []
     steps = sorted({int(n) for v in tradeoff.values() for n in v["prior"]})
     first, last = str(steps[1] if steps[0] == 0 else steps[0]), str(steps[-1])
     for key, d in (("clip_i", 1), ("dino", 1), ("clip_t", -1)):
         rows.append(paired_row("1. trade-off", f"baseline at {last} minus {first} steps",
                                scores_at(tradeoff, "prior", last), scores_at(tradeoff, "prior", first), key, d))
+    return rows
+
+
+def main_rows(main):
+    rows = []
     base, full = scores_at(main, "W4A8 peqa"), scores_at(main, "FP DreamBooth (full)")
     for claim, method, other, label in (("2. S1 beats the baseline", "W4A8 s1", base, "S1 - baseline"),
                                         ("3. S2 beats the baseline", "W4A8 s2", base, "S2 - baseline"),
@@ -561,6 +577,11 @@ def verdict_rows(tradeoff, main, intervals):
     s1, s2 = scores_at(main, "W4A8 s1"), scores_at(main, "W4A8 s2")
     for key in ("trainable", "file_mib", "train_seconds"):
         rows.append(paired_row("6. S2 costs more than S1", "S2 - S1", s2, s1, key))
+    return rows
+
+
+def interval_rows(intervals):
+    rows = []
     fifths = [v for v in next(iter(intervals.values())) if v.startswith("t ")]
     untrained = scores_at(intervals, "all t (baseline)", "0")
     trained = {v: scores_at(intervals, v) for v in fifths}
@@ -581,6 +602,8 @@ def verdict_rows(tradeoff, main, intervals):
 
 def study_verdicts(args, subjects, classes):
     """The verdict table, computed from what `tradeoff`, `main` and `intervals` stored (nothing is trained)."""
+    if not stored(args, "main"):
+        raise SystemExit(f"error: {Path(args.out) / 'main'} holds no results; run `python studies.py main` first")
     rows = verdict_rows(stored(args, "tradeoff"), stored(args, "main"), stored(args, "intervals"))
     table = "\n".join(["| claim | comparison | metric | paired difference (95% CI) | subjects | verdict |",
                         "|---|---|---|---|---|---|", *rows])
@@ -590,8 +613,45 @@ def study_verdicts(args, subjects, classes):
     finish("verdicts", note + "\n\n" + table, stored(args, "main"), args, time.time(), None, [])
 
 
+GRID = {"untrained W4A8": ("w4a8", None), "W4A8 baseline": ("w4a8", "w4a8-peqa"), "W4A8 S1": ("w4a8", "w4a8-s1"),
+        "W4A8 S2": ("w4a8", "w4a8-s2"), "FP DreamBooth": ("fp", "fp-full")}
+
+
+def study_grid(args, subjects, classes):
+    """What the main study's models draw for the first three --subjects: a row of references, then a row per model
+    of the first four templates in prompt_order, each the first of the images the scores came from (same seeds)."""
+    root, _, objects, live = metrics.dataset_subjects(DATASET)
+    lacking = [Path(args.out) / "runs" / tag / s / train.OUT_FILE for s in subjects[:3] for _, tag in GRID.values()
+               if tag and not (Path(args.out) / "runs" / tag / s / train.OUT_FILE).is_file()]
+    if lacking:                                                          # before any sampling
+        raise SystemExit(f"error: {lacking[0]} is missing; run `python studies.py main --subjects "
+                         f"{','.join(subjects[:3])}` first")
+    cells = []
+    for s in subjects[:3]:
+        refs, cls = metrics.read_images(root / s), classes[s]
+        templates = prompt_order(metrics.templates_for(cls, objects, live))[:args.n_prompts]   # as scored: the
+        # same batches, so the same images even where a W4A8 model's rounding depends on the batch
+        cells += [(im, f"{s}: reference {i + 1}") for i, im in enumerate(refs[:4])]
+        for label, (base, tag) in GRID.items():
+            scales = Path(args.out) / "runs" / tag / s / train.OUT_FILE if tag else None
+            _, images, prompts = metrics.score_model(base_path(base, args.out), scales, None, refs, cls, templates,
+                                                     "sks", args.n_images, args.seed, batch_images=args.batch_images,
+                                                     num_inference_steps=args.num_inference_steps, guidance_scale=7.5)
+            cells += [(images[i], f"{label}: {prompts[i]}") for i in range(0, 4 * args.n_images, args.n_images)]
+    path = Path(args.out) / "grid" / "grid.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sample.labelled_grid(cells, cols=4).save(path)
+    if args.readme:
+        (ROOT / "docs").mkdir(exist_ok=True)
+        shutil.copy(path, ROOT / "docs" / "study_grid.png")
+        write_readme("grid", f"![references, then each model's samples](docs/study_grid.png)\n\n`python studies.py "
+                     f"{' '.join(sys.argv[1:])}`: for each subject a row of its references, then per model the first "
+                     f"image of four templates (the seeds the scores used).\n")
+    print(f"wrote {path}")
+
+
 STUDIES = {"tradeoff": study_tradeoff, "main": study_main, "experts": study_experts, "intervals": study_intervals,
-           "verdicts": study_verdicts}
+           "verdicts": study_verdicts, "grid": study_grid}
 
 
 def main(argv=None):

@@ -144,6 +144,17 @@ def test_verdicts_come_from_the_stored_results(tmp_path):
     assert word[("7. a key interval exists", "the other subjects' best fifth of t - the other fifths (DINO gain)",
                  "DINO")] == "reproduced"
     assert len(rows) == 3 + 4 * 4 + 6 + 3 + 1 + 2
+    for name in ("tradeoff", "intervals"):           # a study not run yet: its claims say so, the others stand
+        (tmp_path / name / "results.json").unlink()
+    studies.main(["verdicts", "--out", str(tmp_path), "--no-readme"])
+    table = (tmp_path / "verdicts" / "table.md").read_text()
+    assert all(f"not run yet (`python studies.py {name}`)" in table for name in ("tradeoff", "intervals"))
+    assert "| 2. S1 beats the baseline | S1 - baseline | local CLIP-I |" in table
     with pytest.raises(SystemExit, match="run `python studies.py main` first"):
         (tmp_path / "main" / "results.json").unlink()
         studies.main(["verdicts", "--out", str(tmp_path), "--no-readme"])
+
+
+def test_grid_needs_the_main_studys_runs(tmp_path):
+    with pytest.raises(SystemExit, match="is missing; run `python studies.py main --subjects dog_patch` first"):
+        studies.main(["grid", "--out", str(tmp_path), "--subjects", "dog_patch", "--no-readme"])
