@@ -319,8 +319,9 @@ def templates_for(cls, objects, live):
 def evaluate_subject(sd, ev, references, cls, templates, token="sks", n_images=4, seed=0, per_image=False,
                      batch_images=1, eta=0.0, **sampling):
     """Sample every template n_images times (template i from seed + i) and score the lot against the references.
-    `batch_images` images (whole templates, at least one) are denoised in one batch: the same images, faster on
-    small models (the toy's 25 templates x 2 in one batch take about half the time), and memory-bound on SD v1.
+    `batch_images` images (whole templates, at least one) are denoised in one batch, each template from its own x_T:
+    the same images up to float rounding, which on a W4A8 model can flip activation roundings and move some images
+    though not the scores (README, "Scoring in batches"); faster on small models, bounded by memory on SD v1.
     CLIP-T takes the prompt without the identifier ("a dog in the snow"), which the evaluation CLIP never saw;
     local CLIP-I crops each image to where the model attends to the class word of its own prompt. With ev=None the
     images are only drawn (scores {}); with per_image, scores["per_image"] holds each image's CLIP-I and DINO (its
