@@ -17,6 +17,7 @@ one modern GPU (about 11 GB of disk for the files).
 """
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -86,6 +87,7 @@ def main(argv=None):
     name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "CPU"
     print(f"{name}, torch {torch.__version__}, {args.size} size\n\n| stage | seconds | peak memory (MiB) |\n|---|---|---|")
     rows, prompt = [], "a photo of sks dog"
+    shutil.rmtree(run, ignore_errors=True)                     # every check trains afresh (the files are reused)
     measured(rows, f"quant.py W4A8 AdaRound ({args.n_prompts} prompts x 50 steps, {args.iters} iterations, bf16)",
              args.device, lambda: quant.quantize(
                  ckpt=str(sd_file), wbits=4, abits=8, device=args.device, n_prompts=args.n_prompts,
