@@ -15,6 +15,7 @@ calibration recipe, qdp's default on SD, would take hours on a CPU. The first fa
 
     python bench/real_path.py                  # full size; about 40 minutes on 2 CPU cores, 11 GB of disk
     python bench/real_path.py --size tiny      # the same commands on tiny shapes, in a minute
+    python bench/real_path.py --stages 2-8 & python bench/real_path.py --stages 9   # after stage 1: both cores
 """
 import argparse
 import dataclasses
@@ -171,6 +172,8 @@ def main(argv=None):
     p.add_argument("--size", choices=sorted(SIZES), default="full", help="full: SD v1.5 shapes; tiny: a quick check")
     p.add_argument("--work", default=None, help="folder for the files (default runs/real_path_<size>); reused")
     p.add_argument("--photos", default=str(PHOTOS), help="a few photos of one dog")
+    p.add_argument("--stages", default=None, help="only these of the numbered commands, e.g. 2-8 or 9 (two such "
+                   "runs in parallel share a --work folder: qdp.py, 9, needs only stage 1's file)")
     p.add_argument("--fresh", action="store_true", help="delete the outputs of earlier runs in --work first "
                    "(the model files are kept)")
     args = p.parse_args(argv)
@@ -185,14 +188,19 @@ def main(argv=None):
     (work / "qdp").mkdir(exist_ok=True)
     rows = [f"| write {name} (random weights) | {s:.0f} | - |" for name, s in made.items()]
     print(f"{args.size} size, {torch.get_num_threads()} threads, work folder {work}", flush=True)
-    for stage, script, cmd in commands(work, args.size):
+    todo = commands(work, args.size)
+    if args.stages:
+        lo, _, hi = args.stages.partition("-")
+        keep = range(int(lo), int(hi or lo) + 1)
+        todo = [c for k, c in enumerate(todo, 1) if k in keep]
+    for stage, script, cmd in todo:
         if script == "qdp.py" and (work / "w4a8.safetensors").is_file():
             shutil.copy(work / "w4a8.safetensors", work / "qdp" / "quantized_w4a8.safetensors")
         seconds, peak = run(script, cmd, work / f"log_{stage.split()[0]}_{len(rows)}.txt")
         rows.append(f"| {stage} | {seconds:.0f} | {peak:,.0f} |")
         print(rows[-1], flush=True)
     table = "| stage | seconds | peak resident memory (MiB) |\n|---|---|---|\n" + "\n".join(rows)
-    (work / "table.md").write_text(table + "\n")
+    (work / f"table{'_' + args.stages if args.stages else ''}.md").write_text(table + "\n")
     print("\n" + table)
     print(json.dumps({"size": args.size, "threads": torch.get_num_threads(), "cpu": os.cpu_count()}))
 
