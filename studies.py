@@ -528,8 +528,9 @@ def paired_row(claim, what, a, b, key, direction=1, margin=None):
     """A verdict row from two {subject: scores} maps, paired over the subjects both hold."""
     subjects = [s for s in a if s in b]
     mean, lo, hi = metrics.confidence_interval([a[s][key] - b[s][key] for s in subjects])
-    return (f"| {claim} | {what} | {metrics.METRIC_NAMES.get(key, key)} | {mean:+.3f} ({lo:+.3f} to {hi:+.3f}) | "
-            f"{len(subjects)} | {verdict(lo, hi, direction, margin)} |")
+    fmt = {"trainable": "{:+,.0f}", "file_mib": "{:+.2f} MiB", "train_seconds": "{:+.0f} s"}.get(key, "{:+.3f}")
+    return (f"| {claim} | {what} | {metrics.METRIC_NAMES.get(key, key)} | {fmt.format(mean)} ({fmt.format(lo)} to "
+            f"{fmt.format(hi)}) | {len(subjects)} | {verdict(lo, hi, direction, margin)} |")
 
 
 def scores_at(results, variant, step=None):
