@@ -18,10 +18,11 @@ subject's DreamBooth templates (`--n_prompts 9`: every third, the shorter protoc
 each, 25 DDIM steps, guidance 7.5. This file only schedules runs and draws their tables and plots, which
 belong neither in the training nor in the metric code; that is why it stands apart.
 
-    python studies.py tradeoff             # ~30 min on 2 CPU cores (10 subjects, the 9-prompt protocol)
-    python studies.py main                 # ~60 min
-    python studies.py experts              # ~15 min after main (shared runs are reused)
-    python studies.py intervals            # ~50 min after main (its baseline and S1 runs are reused)
+    python studies.py main --subjects backpack_bolt,cat_heart,clock_moon   # 74 min on one core (measured)
+    python studies.py main                 # all 30: ~25 CPU minutes per subject, ~6 h on 2 cores (estimated)
+    python studies.py tradeoff             # ~10 CPU minutes per subject (estimated from main's run times)
+    python studies.py experts              # ~6 per subject after main (shared runs are reused)
+    python studies.py intervals            # ~15 per subject after main (its baseline and S1 runs are reused)
 Runs are cached in runs/studies/ (rerun to resume; delete a folder to redo it). `--workers 2` (the default) runs two
 single-threaded jobs side by side: for models this small that is twice the throughput of one job on two threads.
 Under torchrun the jobs are shared among its processes (each with its own --workers), on one machine or several with
