@@ -28,6 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+import bench_train  # noqa: E402
 import ckpt  # noqa: E402
 import eval as metrics  # noqa: E402
 import quant  # noqa: E402
@@ -42,7 +43,7 @@ def peak_mib(device):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() / 2**20
-    return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) / 1024
+    return bench_train.status_mb("VmHWM")
 
 
 def measured(rows, name, device, fn):
