@@ -190,6 +190,62 @@ def capture(model, names, data, batch_size, inputs=False):
     return {n: [torch.cat(parts) for parts in zip(*chunks)] for n, chunks in got.items()}
 
 
+class Carry:
+    """The calibration rows' state between top-level UNet modules (UNet.steps), kept on the CPU: the input of any
+    unit is then one module's forward away instead of everything before it. `at(name)` first moves the state
+    through the modules before the one that holds `name`, with the model as it is then (earlier units done), so the
+    inputs are the same numbers a whole forward per unit gives (BRECQ's capture), batch by batch."""
+
+    def __init__(self, model, data, batch_size):
+        self.model, self.steps, self.batch_size = model, model.steps(), batch_size
+        self.param = next(model.parameters())
+        self.state, self.done = dict(x=data[0].to(dtype=self.param.dtype), t=data[1],
+                                     ctx=data[2].to(dtype=self.param.dtype)), 0
+
+    @staticmethod
+    def nbytes(model, data):
+        """Bytes per calibration row of the largest state between two modules (a one-row forward)."""
+        state, most = dict(x=data[0][:1], t=data[1][:1], ctx=data[2][:1]), 0
+        with torch.no_grad():
+            for _, step in model.steps():
+                state = step(state)
+                most = max(most, sum(a.numel() * a.element_size() for v in state.values()
+                                     for a in (v if isinstance(v, list) else [v])))
+        return most
+
+    def run(self, step):
+        """step(state of one batch) over all rows, on the model's device; the outputs (or None where step raised
+        _Stop) stay as they come, dtype included, so a resumed forward sees what an unbroken one does."""
+        n, outs = len(self.state["x"]), []
+        move = lambda a: a[i:i + self.batch_size].to(self.param.device)
+        for i in range(0, n, self.batch_size):
+            try:
+                outs.append(step({k: [move(a) for a in v] if isinstance(v, list) else move(v)
+                                  for k, v in self.state.items()}))
+            except _Stop:
+                outs.append(None)
+        return outs
+
+    @torch.no_grad()
+    def at(self, name):
+        """Positional inputs of submodule `name`, [tensor, ...] over all rows on the CPU."""
+        k = next(i for i, (top, _) in enumerate(self.steps) if name == top or name.startswith(top + "."))
+        for top, step in self.steps[self.done:k]:
+            outs = self.run(step)
+            cat = lambda parts: torch.cat([p.cpu() for p in parts])
+            self.state = {key: [cat(p) for p in zip(*(o[key] for o in outs))] if isinstance(outs[0][key], list)
+                          else cat([o[key] for o in outs]) for key in outs[0]}
+        self.done, got = k, []
+        module = self.model.get_submodule(name)
+
+        def record(m, args):
+            got.append([a.detach().cpu() for a in args])
+            raise _Stop
+
+        hooked([module], record, lambda: self.run(self.steps[k][1]), pre=True)
+        return [torch.cat(parts) for parts in zip(*got)]
+
+
 def recon_loss(out, target):
     """Squared error summed over channels (dim 1 of feature maps, the last dim of tokens), mean over the rest; in
     float32 whatever the outputs' dtype (under --mixed_precision they come in bf16 or fp16)."""
@@ -233,11 +289,14 @@ def reconstruct_unit(unit, inputs, target, params, iters, batch_size, lr, regula
 
 
 def reconstruct(qunet, fp_unet, calib, iters=20000, act_iters=5000, batch_size=32, lr=1e-3, act_lr=1e-3,
-                weight=0.01, b_range=(20, 2), warmup=0.2, seed=0, max_samples=1024, target_budget=2**30):
+                weight=0.01, b_range=(20, 2), warmup=0.2, seed=0, max_samples=1024, target_budget=2**30,
+                carry_budget=2**32):
     """AdaRound + BRECQ over recon_units in forward order. Each unit: learn its rounding (activations in float), harden
     it; then, with activations quantized, set its activation ranges and learn their steps (act_lr is relative to each
     step). Inputs come from qunet as quantized so far, targets from fp_unet, captured for all units in one pass when
-    they fit in target_budget bytes, else again for each unit. Captured tensors are kept on the CPU; at most
+    they fit in target_budget bytes, else again for each unit; the inputs come from a Carry (one top-level module's
+    forward per unit) when its state fits in carry_budget bytes, else from a whole forward per unit. Captured tensors
+    are kept on the CPU; at most
     max_samples calibration rows are used (a fixed random subset), which bounds them on SD (~11 GB a unit)."""
     keep = torch.randperm(len(calib["t"]), generator=torch.Generator().manual_seed(seed))[:max_samples].sort().values
     data = [calib[k][keep] for k in ("x", "t", "ctx")]
@@ -249,6 +308,7 @@ def reconstruct(qunet, fp_unet, calib, iters=20000, act_iters=5000, batch_size=3
     per_sample = sum(t.numel() * t.element_size() for ts in capture(fp_unet, names, [d[:1] for d in data], 1).values()
                      for t in ts)
     cached = capture(fp_unet, names, data, batch_size) if per_sample * len(data[0]) <= target_budget else {}
+    carry = Carry(qunet, data, batch_size) if Carry.nbytes(qunet, data) * len(data[0]) <= carry_budget else None
     try:
         bar = sample.progress(units, "AdaRound + BRECQ", unit="blocks")
         for j, (name, unit) in enumerate(bar):
@@ -257,7 +317,7 @@ def reconstruct(qunet, fp_unet, calib, iters=20000, act_iters=5000, batch_size=3
                 continue
             for m in acts:
                 m.enabled = False
-            x = capture(qunet, [name], data, batch_size, inputs=True)[name]
+            x = carry.at(name) if carry else capture(qunet, [name], data, batch_size, inputs=True)[name]
             y = (cached.get(name) or capture(fp_unet, [name], data, batch_size)[name])[0]
             log = []
             if iters:

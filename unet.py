@@ -274,21 +274,46 @@ class UNet(nn.Module):
 
     def forward(self, x, t, ctx):
         """x (B,C,H,W) noisy latents, t (B,) or scalar integer timesteps, ctx (B,77,D) text context -> eps (B,C,H,W)."""
-        t = torch.as_tensor(t, device=x.device).expand(x.shape[0])
-        emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(x.dtype))
-        # gradient checkpointing (set by a training script): keep only each block's output for backward and recompute
-        # the block's insides there, trading one extra forward for most of the activation memory
-        run = (lambda b, *a, **k: checkpoint(b, *a, use_reentrant=False, **k)) \
-            if self.gradient_checkpointing and torch.is_grad_enabled() else (lambda b, *a, **k: b(*a, **k))
-        hs = []
-        for block in self.input_blocks:
-            x = run(block, x, emb, ctx)
-            hs.append(x)
-        x = run(self.middle_block, x, emb, ctx)
-        for block in self.output_blocks:
-            x = torch.cat([x, hs.pop()], dim=1)
-            x = run(block, x, emb, ctx, size=hs[-1].shape[-2:] if hs else None)
-        return self.out(x)
+        state = dict(x=x, t=t, ctx=ctx)
+        for _, step in self.steps():
+            state = step(state)
+        return state["x"]
+
+    def steps(self):
+        """The forward as [(name, step)], one step per top-level module in order (time_embed, input_blocks.i,
+        middle_block, output_blocks.i, out): step(state) -> state moves a dict of x, the embedding `emb`, `ctx` and
+        the skips `hs` one module on. Split so that a caller can resume the network from a saved state (quant.py's
+        reconstruction keeps the state between blocks instead of rerunning everything before each one)."""
+        def run(block, *a, **k):
+            # gradient checkpointing (set by a training script): keep only each block's output for backward and
+            # recompute the block's insides there, trading one extra forward for most of the activation memory
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                return checkpoint(block, *a, use_reentrant=False, **k)
+            return block(*a, **k)
+
+        def embed(s):
+            t = torch.as_tensor(s["t"], device=s["x"].device).expand(s["x"].shape[0])
+            emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(s["x"].dtype))
+            return dict(x=s["x"], emb=emb, ctx=s["ctx"], hs=[])
+
+        def down(block):
+            def step(s):
+                x = run(block, s["x"], s["emb"], s["ctx"])
+                return dict(s, x=x, hs=[*s["hs"], x])
+            return step
+
+        def up(block):
+            def step(s):
+                *hs, skip = s["hs"]
+                x = run(block, torch.cat([s["x"], skip], dim=1), s["emb"], s["ctx"],
+                        size=hs[-1].shape[-2:] if hs else None)
+                return dict(s, x=x, hs=hs)
+            return step
+
+        return [("time_embed", embed), *((f"input_blocks.{i}", down(b)) for i, b in enumerate(self.input_blocks)),
+                ("middle_block", lambda s: dict(s, x=run(self.middle_block, s["x"], s["emb"], s["ctx"]))),
+                *((f"output_blocks.{i}", up(b)) for i, b in enumerate(self.output_blocks)),
+                ("out", lambda s: dict(s, x=self.out(s["x"])))]
 
 
 def concat_splits(cfg: UNetConfig):

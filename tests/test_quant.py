@@ -256,6 +256,22 @@ def test_reconstruction_beats_round_to_nearest(tiny_sd, calib):
     assert not [n for n, _ in ada.named_parameters() if "alpha" in n]
 
 
+def test_carried_inputs_equal_a_whole_forward(tiny_sd, calib):
+    """Reconstruction's inputs from a Carry (one top-level module's forward per unit) are bit-identical to those of a
+    whole forward per unit, and so is the model it makes, W4A8 with 7-row batches over 4 x 4 x 2 rows."""
+    fp = tiny_sd.unet
+    rtn = quant.quantize_(copy.deepcopy(fp), 4, 8)
+    data = [calib["x"], calib["t"], calib["ctx"]]
+    carry = quant.Carry(rtn, data, 7)
+    for name, _ in quant.recon_units(rtn):
+        got, want = carry.at(name), quant.capture(rtn, [name], data, 7, inputs=True)[name]
+        assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want)), name
+    made = {budget: quant.reconstruct(copy.deepcopy(rtn), fp, calib, iters=4, act_iters=2, batch_size=7,
+                                      carry_budget=budget).state_dict() for budget in (0, 2**32)}
+    assert made[0].keys() == made[2**32].keys()
+    assert all(torch.equal(made[0][k], made[2**32][k]) for k in made[0])
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # files and the command line
 
