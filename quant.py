@@ -12,7 +12,8 @@ arXiv 1902.08153).
    the baseline; the format is qlayers.WeightQuantizer's), and per-tensor fake quantization of each layer's input and
    of attention's q, k, v and probabilities.
 3. `reconstruct`, unit by unit in forward order (ResBlocks and transformer blocks whole, other layers alone), inputs
-   from the model quantized so far, targets from the FP model. Weights first, activations in float:
+   from the model quantized so far (its state carried from one top-level module to the next, so that each unit costs
+   one module's forward, not a whole one), targets from the FP model. Weights first, activations in float:
        loss = mean over positions of ||out_q - out_fp||^2 (sum over channels) + lambda sum(1 - |2 h(alpha) - 1|^beta)
    h(alpha) = clamp(sigmoid(alpha) (zeta - gamma) + gamma, 0, 1), zeta = 1.1, gamma = -0.1, lambda = 0.01, alpha
    initialised so that h(alpha) = frac(w / scale) (AdaRound eqs. 21-24). Over n iterations, with w = floor(0.2 n):
@@ -205,7 +206,9 @@ class Carry:
     @staticmethod
     def nbytes(model, data):
         """Bytes per calibration row of the largest state between two modules (a one-row forward)."""
-        state, most = dict(x=data[0][:1], t=data[1][:1], ctx=data[2][:1]), 0
+        param = next(model.parameters())
+        x, t, ctx = (a[:1].to(param.device, param.dtype if a.is_floating_point() else a.dtype) for a in data)
+        state, most = dict(x=x, t=t, ctx=ctx), 0
         with torch.no_grad():
             for _, step in model.steps():
                 state = step(state)

@@ -13,9 +13,11 @@ sample.py --export to both layouts and each back through the loader (ckpt.py), e
 and qdp.py --ckpt end to end. qdp.py finds quant.py's file in its --out and reuses it, as a rerun does: Q-Diffusion's
 calibration recipe, qdp's default on SD, would take hours on a CPU. The first failing command stops the run.
 
-    python bench/real_path.py                  # full size; about 40 minutes on 2 CPU cores, 11 GB of disk
+    python bench/real_path.py                  # full size, 11 GB of disk (the README has its time on 2 CPU cores)
     python bench/real_path.py --size tiny      # the same commands on tiny shapes, in a minute
-    python bench/real_path.py --stages 2-8 & python bench/real_path.py --stages 9   # after stage 1: both cores
+    python bench/real_path.py --stages 3-8     # some of them again, one after another
+Stage 1 runs on every core; then qdp.py (stage 9, which needs only stage 1's file) runs on one thread beside stages
+2-8 on the other.
 """
 import argparse
 import dataclasses
@@ -137,15 +139,23 @@ _MEASURED = ("import runpy, sys; sys.argv = sys.argv[1:]; sys.path.insert(0, '.'
              "print('VmHWM', open('/proc/self/status').read().split('VmHWM:')[1].split()[0])")
 
 
-def run(script, argv, log):
-    """Run `python script argv` in the repository; (seconds, peak resident MiB), or exit with its last lines."""
-    t0 = time.time()
-    with open(log, "w") as f:
-        done = subprocess.run([sys.executable, "-c", _MEASURED, script, *map(str, argv)], cwd=ROOT, stdout=f,
-                              stderr=subprocess.STDOUT, text=True)
+def start(script, argv, log, threads=None):
+    """Start `python script argv` in the repository (with `threads` torch threads, else the environment's)."""
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    f = open(log, "w")
+    proc = subprocess.Popen([sys.executable, "-c", _MEASURED, script, *map(str, argv)], cwd=ROOT, stdout=f,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+    return proc, f, time.time(), script, argv, log
+
+
+def finish(job):
+    """Wait for a started command; (seconds, peak resident MiB), or exit with its last lines."""
+    proc, f, t0, script, argv, log = job
+    proc.wait()
+    f.close()
     seconds, lines = time.time() - t0, Path(log).read_text().splitlines()
     peak = [line.split()[1] for line in lines if line.startswith("VmHWM ")]
-    if done.returncode != 0 or not peak:
+    if proc.returncode != 0 or not peak:
         tail = "\n    ".join(lines[-15:])
         sys.exit(f"error: `python {script} {' '.join(map(str, argv))}` failed after {seconds:.0f} s:\n    {tail}\n"
                  f"(whole log: {log})")
@@ -188,17 +198,33 @@ def main(argv=None):
     (work / "qdp").mkdir(exist_ok=True)
     rows = [f"| write {name} (random weights) | {s:.0f} | - |" for name, s in made.items()]
     print(f"{args.size} size, {torch.get_num_threads()} threads, work folder {work}", flush=True)
-    todo = commands(work, args.size)
-    if args.stages:
+    todo, t0 = list(enumerate(commands(work, args.size), 1)), time.time()
+    if args.stages:                                           # these, one after another, threads as the shell says
         lo, _, hi = args.stages.partition("-")
         keep = range(int(lo), int(hi or lo) + 1)
-        todo = [c for k, c in enumerate(todo, 1) if k in keep]
-    for stage, script, cmd in todo:
-        if script == "qdp.py" and (work / "w4a8.safetensors").is_file():
-            shutil.copy(work / "w4a8.safetensors", work / "qdp" / "quantized_w4a8.safetensors")
-        seconds, peak = run(script, cmd, work / f"log_{stage.split()[0]}_{len(rows)}.txt")
-        rows.append(f"| {stage} | {seconds:.0f} | {peak:,.0f} |")
+        todo, side = [c for c in todo if c[0] in keep], None
+    else:                      # stage 1 on every core, then qdp.py (9) on one thread beside 2-8 on the other
+        side = todo.pop()
+    log = lambda k, stage: work / f"log_{k}_{stage.split()[0]}.txt"
+    beside = None
+    try:
+        for k, (stage, script, cmd) in todo:
+            if (script == "qdp.py" or side and k == 2) and (work / "w4a8.safetensors").is_file():
+                shutil.copy(work / "w4a8.safetensors", work / "qdp" / "quantized_w4a8.safetensors")  # as a rerun
+            if side and k == 2:
+                beside = start(side[1][1], side[1][2], log(side[0], side[1][0]), threads=1)
+            seconds, peak = finish(start(script, cmd, log(k, stage), threads=1 if side and k > 1 else None))
+            rows.append(f"| {k}. {stage} | {seconds:.0f} | {peak:,.0f} |")
+            print(rows[-1], flush=True)
+    except SystemExit:
+        if beside:
+            beside[0].kill()
+        raise
+    if beside:
+        seconds, peak = finish(beside)
+        rows.append(f"| {side[0]}. {side[1][0]} (beside 2-8) | {seconds:.0f} | {peak:,.0f} |")
         print(rows[-1], flush=True)
+    rows.append(f"| the whole run | {time.time() - t0:.0f} | - |")
     table = "| stage | seconds | peak resident memory (MiB) |\n|---|---|---|\n" + "\n".join(rows)
     (work / f"table{'_' + args.stages if args.stages else ''}.md").write_text(table + "\n")
     print("\n" + table)
