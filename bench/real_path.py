@@ -213,7 +213,8 @@ def main(argv=None):
                 shutil.copy(work / "w4a8.safetensors", work / "qdp" / "quantized_w4a8.safetensors")  # as a rerun
             if side and k == 2:
                 beside = start(side[1][1], side[1][2], log(side[0], side[1][0]), threads=1)
-            seconds, peak = finish(start(script, cmd, log(k, stage), threads=1 if side and k > 1 else None))
+            threads = None if not side else 1 if k > 1 else os.cpu_count()   # (sample.pick_threads would go by
+            seconds, peak = finish(start(script, cmd, log(k, stage), threads))   # a load average that lags behind)
             rows.append(f"| {k}. {stage} | {seconds:.0f} | {peak:,.0f} |")
             print(rows[-1], flush=True)
     except SystemExit:
