@@ -200,15 +200,19 @@ class Carry:
     def __init__(self, model, data, batch_size):
         self.model, self.steps, self.batch_size = model, model.steps(), batch_size
         self.param = next(model.parameters())
-        self.state, self.done = dict(x=data[0].to(dtype=self.param.dtype), t=data[1],
-                                     ctx=data[2].to(dtype=self.param.dtype)), 0
+        self.state, self.done = Carry.initial(data, self.param), 0
+
+    @staticmethod
+    def initial(data, param):
+        """The state before the first module: [x, t, ctx], floats in the model's dtype (as run_batches casts them)."""
+        x, t, ctx = (a.to(dtype=param.dtype) if a.is_floating_point() else a for a in data)
+        return dict(x=x, t=t, ctx=ctx)
 
     @staticmethod
     def nbytes(model, data):
         """Bytes per calibration row of the largest state between two modules (a one-row forward)."""
         param = next(model.parameters())
-        x, t, ctx = (a[:1].to(param.device, param.dtype if a.is_floating_point() else a.dtype) for a in data)
-        state, most = dict(x=x, t=t, ctx=ctx), 0
+        state, most = {k: a[:1].to(param.device) for k, a in Carry.initial(data, param).items()}, 0
         with torch.no_grad():
             for _, step in model.steps():
                 state = step(state)
@@ -233,9 +237,9 @@ class Carry:
     def at(self, name):
         """Positional inputs of submodule `name`, [tensor, ...] over all rows on the CPU."""
         k = next(i for i, (top, _) in enumerate(self.steps) if name == top or name.startswith(top + "."))
-        for top, step in self.steps[self.done:k]:
+        cat = lambda parts: torch.cat([p.cpu() for p in parts])
+        for _, step in self.steps[self.done:k]:
             outs = self.run(step)
-            cat = lambda parts: torch.cat([p.cpu() for p in parts])
             self.state = {key: [cat(p) for p in zip(*(o[key] for o in outs))] if isinstance(outs[0][key], list)
                           else cat([o[key] for o in outs]) for key in outs[0]}
         self.done, got = k, []
