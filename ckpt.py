@@ -214,25 +214,29 @@ def check_values(want, got, name, path):
                                   f"training run that diverged: use an earlier copy")
 
 
-def build(parts, path, meta=None, tokenizer=None, device="cpu", dtype=torch.float32):
+def build(parts, path, meta=None, tokenizer=None, device="cpu", dtype=torch.float32, unet=None):
     """StableDiffusion from CompVis-named state dicts; the config comes from the shapes, and from the file's qdp
-    metadata for what shapes cannot tell (head counts, GroupNorm groups, the latent scale)."""
+    metadata for what shapes cannot tell (head counts, GroupNorm groups, the latent scale). `unet`: one already
+    loaded (build_quantized's), so only the VAE and text encoder come from `parts`."""
     meta = json.loads(meta["qdp.config"]) if meta and "qdp.config" in meta else {}
     cast = lambda sd: {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in sd.items()}
     for name in PREFIX:
         if not parts[name]:
             raise CheckpointError(f"{path} has no {name} (no tensors under '{PREFIX[name]}'); {HINT}")
     try:
-        ucfg = meta_cfg(unet_lib.UNetConfig.from_state_dict(parts["unet"]), meta.get("unet"))
+        if unet is None:
+            ucfg = meta_cfg(unet_lib.UNetConfig.from_state_dict(parts["unet"]), meta.get("unet"))
         vcfg = meta_cfg(vae_lib.VAEConfig.from_state_dict(parts["vae"]), meta.get("vae"))
         tcfg = text_config(parts["text_encoder"], meta.get("text_encoder"))
     except (KeyError, StopIteration, IndexError) as e:
         raise CheckpointError(f"{path} is missing tensors that define the architecture ({e}); the file is "
                               f"incomplete or not an SD v1 checkpoint") from None
     with torch.device("meta"):
-        unet, vae = unet_lib.UNet(ucfg), vae_lib.AutoencoderKL(vcfg)
+        plain = unet_lib.UNet(ucfg) if unet is None else None
+        vae = vae_lib.AutoencoderKL(vcfg)
     text_encoder = CLIPTextModel(tcfg)
-    fill(unet, cast(parts["unet"]), "UNet", path)
+    if unet is None:
+        unet = fill(plain, cast(parts["unet"]), "UNet", path)
     fill(vae, cast(parts["vae"]), "VAE", path)
     fill(text_encoder, model_text_keys(cast(parts["text_encoder"]), text_encoder), "text encoder", path)
     text_encoder.to(device=device, dtype=dtype)
@@ -443,14 +447,20 @@ def plain_unet(unet):
     return fill(plain, want, "UNet", "the dequantized UNet").eval()
 
 
-def save_compvis(model, path, dtype=None, metadata=None):
-    """One .safetensors (or .ckpt) file in the CompVis layout, with qdp's config and any extra `metadata` (strings)
-    in its metadata; floating tensors are cast to `dtype` if given (e.g. torch.float16 to halve the file)."""
+def compvis_tensors(model, dtype=None):
+    """The model's tensors under CompVis names (a quantized UNet's codes and scales as they are); floating tensors
+    cast to `dtype` if given."""
     parts = {"unet": model.unet.state_dict(), "vae": model.vae.state_dict(),
              "text_encoder": canonical_text_keys(model.text_encoder.state_dict())}
     cast = lambda v: v.to(dtype) if dtype is not None and v.is_floating_point() else v
-    tensors = {PREFIX[name] + k: cast(v) for name, sd in parts.items() for k, v in sd.items()}
-    atomic_save(tensors, path, {"format": "pt", "qdp.config": config_json(model), **(metadata or {})})
+    return {PREFIX[name] + k: cast(v) for name, sd in parts.items() for k, v in sd.items()}
+
+
+def save_compvis(model, path, dtype=None, metadata=None):
+    """One .safetensors (or .ckpt) file in the CompVis layout, with qdp's config and any extra `metadata` (strings)
+    in its metadata; floating tensors are cast to `dtype` if given (e.g. torch.float16 to halve the file)."""
+    atomic_save(compvis_tensors(model, dtype), path, {"format": "pt", "qdp.config": config_json(model),
+                                                      **(metadata or {})})
 
 
 def save_diffusers(model, folder, dtype=None):
@@ -494,13 +504,10 @@ def save_quantized(sd_q, path, meta=None):
     encoder as save_compvis writes them, the model config ("qdp.config") and the quantization settings with
     `meta` ("qdp.quant")."""
     wbits, abits, softmax_bits = qlayers.bits_of(sd_q.unet)
-    parts = {"unet": sd_q.unet.state_dict(), "vae": sd_q.vae.state_dict(),
-             "text_encoder": canonical_text_keys(sd_q.text_encoder.state_dict())}
-    tensors = {PREFIX[name] + k: v for name, part in parts.items() for k, v in part.items()}
     info = json.dumps({"wbits": wbits, "abits": abits, "softmax_bits": softmax_bits, "packing": qlayers.PACKING,
                        **(meta or {})})
-    atomic_save(tensors, path, {"format": "pt", "qdp.config": config_json(sd_q), "qdp.quant": info,
-                                     "qdp.unet_sha256": unet_digest(parts["unet"])})
+    atomic_save(compvis_tensors(sd_q), path, {"format": "pt", "qdp.config": config_json(sd_q), "qdp.quant": info,
+                                              "qdp.unet_sha256": unet_digest(sd_q.unet.state_dict())})
 
 
 def unet_digest(unet_sd):
@@ -558,13 +565,7 @@ def build_quantized(tensors, meta, path, device="cpu", dtype=torch.float32):
     check_values(qunet.state_dict(), parts["unet"], "quantized UNet", path)
     cast = lambda sd: {k: v.to(device, dtype if v.is_floating_point() else v.dtype) for k, v in sd.items()}
     qunet.load_state_dict(cast(parts["unet"]), strict=True, assign=True)
-    with torch.device("meta"):
-        vae = vae_lib.AutoencoderKL(meta_cfg(vae_lib.VAEConfig.from_state_dict(parts["vae"]), configs.get("vae")))
-    text_encoder = CLIPTextModel(text_config(parts["text_encoder"], configs.get("text_encoder")))
-    fill(vae, cast(parts["vae"]), "VAE", path)
-    fill(text_encoder, model_text_keys(cast(parts["text_encoder"]), text_encoder), "text encoder", path)
-    text_encoder.to(device=device, dtype=dtype)
-    return StableDiffusion(qunet.eval(), vae.eval(), text_encoder.eval(), load_tokenizer())
+    return build(parts, path, meta, device=device, dtype=dtype, unet=qunet)
 
 
 def load_quantized(path, device="cpu", dtype=torch.float32):
