@@ -389,10 +389,12 @@ def prepare(sd, args):
     data["inst_mean"], data["inst_std"] = encode(sd, inst)
     data["inst_ctx"] = sample.encode_prompts(sd, [args.instance_prompt])
     if args.with_prior_preservation:
-        files = generate_class_images(sd, args.class_prompt, args.class_data_dir, args.num_class_images,
-                                      seed=args.seed, batch_size=args.sample_batch_size, height=args.resolution,
-                                      num_inference_steps=args.class_inference_steps,
-                                      width=args.resolution)
+        folder = Path(args.class_data_dir)       # locked only while images are drawn: finished ones are only read,
+        done = all((folder / f"{i:04d}.png").is_file() for i in range(args.num_class_images))   # by any number of runs
+        with contextlib.nullcontext() if done else folder_lock(folder, "--class_data_dir"):
+            files = generate_class_images(sd, args.class_prompt, folder, args.num_class_images, seed=args.seed,
+                                          batch_size=args.sample_batch_size, height=args.resolution,
+                                          num_inference_steps=args.class_inference_steps, width=args.resolution)
         data["class_mean"], data["class_std"] = encode(sd, load_images(files, args.resolution))
         data["class_ctx"] = sample.encode_prompts(sd, [args.class_prompt])
     sd.vae = sd.text_encoder = None
@@ -470,13 +472,10 @@ def folder_lock(folder, flag):
 
 def personalize(args=None, **flags):
     """The whole run, from parse_args' settings or from keyword arguments named as the flags; returns the path of
-    the personalized file and the list of losses. The output folder and the class-image folder are locked for the
-    run's length."""
+    the personalized file and the list of losses. The output folder is locked for the run's length, the class-image
+    folder while class images are drawn into it (runs of one class share the finished images, as studies.py's do)."""
     args = args if args is not None else parse_args(**flags)
-    with contextlib.ExitStack() as locks:
-        locks.enter_context(folder_lock(args.output_dir, "--output_dir"))
-        if args.with_prior_preservation:
-            locks.enter_context(folder_lock(args.class_data_dir, "--class_data_dir"))
+    with folder_lock(args.output_dir, "--output_dir"):
         return run(args)
 
 

@@ -328,14 +328,21 @@ def test_nan_stop_advice_can_be_followed(files, tmp_path, monkeypatch):
 
 
 def test_a_run_folder_in_use_is_refused(files, tmp_path):
-    """While one run holds --output_dir (or the class folder), another is refused, naming the holder; a holder killed
-    with SIGKILL leaves the folder free."""
+    """While one run holds --output_dir (or the class folder it is drawing class images into), another is refused,
+    naming the holder; a class folder whose images are all drawn is shared; a holder killed with SIGKILL leaves the
+    folder free."""
     with train.folder_lock(tmp_path / "busy", "--output_dir"):
         with pytest.raises(train.TrainingError, match=f"in use by another running train.py \\(process {os.getpid()}"):
             run(files, tmp_path / "busy")
         with pytest.raises(train.TrainingError, match="--class_data_dir .* in use"):
             run(files, tmp_path / "other", "--with_prior_preservation", "--class_prompt", "a mug",
                 "--class_data_dir", str(tmp_path / "busy"))
+    shared = ["--with_prior_preservation", "--class_prompt", "a mug", "--class_data_dir", str(tmp_path / "mugs"),
+              "--num_class_images", "2", "--class_inference_steps", "2"]
+    run(files, tmp_path / "first", *shared)                   # draws the class images
+    with train.folder_lock(tmp_path / "mugs", "--class_data_dir"):   # a run of the same class, still training
+        path, _ = run(files, tmp_path / "second", *shared)     # finished class images are only read: not refused
+    assert path.is_file()
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time, train; "
                                "lock = train.folder_lock(sys.argv[1], 'x'); lock.__enter__(); print('held', flush=True); "
                                "time.sleep(60)", str(tmp_path / "killed")], cwd=ROOT, stdout=subprocess.PIPE)
