@@ -126,7 +126,8 @@ def prompt_order(templates):
 def run_job(spec):
     """Train `spec["subject"]` with `spec["flags"]` up to each of `spec["steps"]` in turn (a resumed run equals an
     uninterrupted one, train.py's guarantee) and score the model after each; step 0 scores the untrained base.
-    Returns {step: scores + train_seconds}; every finished step is cached in the run folder."""
+    Returns {step: scores, train_seconds and seconds (training and scoring)}; every finished step is cached in the
+    run folder."""
     torch.set_num_threads(1)
     run, results = Path(spec["dir"]), {}
     with quiet(run / "log.txt"):
@@ -154,6 +155,7 @@ def run_job(spec):
             seconds = time.time() - t0
             r = {**score(spec["base_file"], scales, spec["subject"], spec["cls"], spec["settings"]),
                  "train_seconds": seconds, "settings": spec["settings"]}
+            r["seconds"] = time.time() - t0
             if scales is not None:
                 r["trainable"] = sum(v.numel() for v in load_file(scales).values())
                 r["file_mib"] = scales.stat().st_size / 2**20
@@ -315,11 +317,23 @@ def finish(name, table, results, args, t0, plot, jobs):
     minutes = json.loads(wall.read_text())["minutes"]
     command = "python studies.py " + " ".join(sys.argv[1:])
     block = (f"{table}\n\n" + (f"![{name}]({plot})\n\n" if plot else "")
-             + f"`{command}`: {len(results)} subjects, {minutes:.0f} min on this 2-core CPU.\n")
+             + f"`{command}`: {len(results)} subjects, {minutes:.0f} min on this 2-core CPU{cpu_time(jobs)}.\n")
     (folder / "table.md").write_text(block)
     print(block)
     if args.readme:
         write_readme(name, block)
+
+
+def cpu_time(jobs):
+    """What the study's runs cost, summed from their cached scores (each run trains and scores on one thread), for
+    a table written over runs that earlier jobs made: ' (runs: X CPU-minutes, ...)', or '' where none was timed."""
+    steps = [json.loads(f.read_text()) for j in jobs for f in Path(j["dir"]).glob("scores_*.json")]
+    timed = [r["seconds"] for r in steps if "seconds" in r]
+    if not timed:
+        return ""
+    return (f"; its runs took {sum(timed) / 60:.0f} CPU-minutes on one thread each"
+            + (f" (the {len(timed)} of {len(steps)} scored steps that recorded their time)" if len(timed) < len(steps)
+               else ""))
 
 
 def per_subject(done):
