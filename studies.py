@@ -32,9 +32,11 @@ a shared --out; the first process writes the tables:
 import argparse
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -520,6 +522,7 @@ def spearman(a, b):
 
 
 MARGIN = 0.01            # "at no loss" / "close to": a paired difference whose interval stays above -MARGIN
+MIN_SUBJECTS = 5         # below this a bootstrap interval over subjects is too coarse to decide anything
 
 
 def verdict(lo, hi, direction=1, margin=None):
@@ -539,13 +542,26 @@ def stored(args, name):
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def subjects_needed(differences, half_width=MARGIN):
+    """How many subjects a 95% interval of half-width `half_width` would take, from the spread of these paired
+    differences (normal approximation: 1.96 sd / sqrt(n) = half_width)."""
+    if len(differences) < 2:
+        return "-"
+    sd = statistics.stdev(differences)
+    return f"{max(len(differences), math.ceil((1.96 * sd / half_width) ** 2)):,}"
+
+
 def paired_row(claim, what, a, b, key, direction=1, margin=None):
-    """A verdict row from two {subject: scores} maps, paired over the subjects both hold."""
+    """A verdict row from two {subject: scores} maps, paired over the subjects both hold, with the subjects a
+    half-width of MARGIN would take (for the fidelity metrics)."""
     subjects = [s for s in a if s in b]
-    mean, lo, hi = metrics.confidence_interval([a[s][key] - b[s][key] for s in subjects])
+    differences = [a[s][key] - b[s][key] for s in subjects]
+    mean, lo, hi = metrics.confidence_interval(differences)
     fmt = {"trainable": "{:+,.0f}", "file_mib": "{:+.2f} MiB", "train_seconds": "{:+.0f} s"}.get(key, "{:+.3f}")
+    needed = subjects_needed(differences) if key in metrics.METRIC_NAMES else "-"
+    word = verdict(lo, hi, direction, margin) if len(subjects) >= MIN_SUBJECTS else "too few subjects"
     return (f"| {claim} | {what} | {metrics.METRIC_NAMES.get(key, key)} | {fmt.format(mean)} ({fmt.format(lo)} to "
-            f"{fmt.format(hi)}) | {len(subjects)} | {verdict(lo, hi, direction, margin)} |")
+            f"{fmt.format(hi)}) | {len(subjects)} | {needed} | {word} |")
 
 
 def scores_at(results, variant, step=None):
@@ -554,7 +570,7 @@ def scores_at(results, variant, step=None):
 
 
 def not_run(claims, study):
-    return [f"| {c} | - | - | - | 0 | not run yet (`python studies.py {study}`) |" for c in claims]
+    return [f"| {c} | - | - | - | 0 | - | not run yet (`python studies.py {study}`) |" for c in claims]
 
 
 def verdict_rows(tradeoff, main, intervals):
@@ -620,13 +636,19 @@ def study_verdicts(args, subjects, classes):
     """The verdict table, computed from what `tradeoff`, `main` and `intervals` stored (nothing is trained)."""
     if not stored(args, "main"):
         raise SystemExit(f"error: {Path(args.out) / 'main'} holds no results; run `python studies.py main` first")
-    rows = verdict_rows(stored(args, "tradeoff"), stored(args, "main"), stored(args, "intervals"))
-    table = "\n".join(["| claim | comparison | metric | paired difference (95% CI) | subjects | verdict |",
-                        "|---|---|---|---|---|---|", *rows])
+    kept = lambda results: results and {s: v for s, v in results.items()          # --subjects' only, if given
+                                        if args.subjects == "all" or s in subjects}
+    main = kept(stored(args, "main"))
+    rows = verdict_rows(kept(stored(args, "tradeoff")), main, kept(stored(args, "intervals")))
+    table = "\n".join([f"| claim | comparison | metric | paired difference (95% CI) | subjects | subjects for "
+                        f"+-{MARGIN} | verdict |", "|---|---|---|---|---|---|---|", *rows])
     note = (f"Each row pairs the two models subject by subject (W4A8 base); verdict: reproduced where the interval "
             f"lies on the paper's side of 0 (or, for \"no loss\" and \"close to\", above -{MARGIN}), not "
-            f"reproduced where it lies on the other side, inconclusive where it holds both.")
-    finish("verdicts", note + "\n\n" + table, stored(args, "main"), args, time.time(), None, [])
+            f"reproduced where it lies on the other side, inconclusive where it holds both (too few subjects: under "
+            f"{MIN_SUBJECTS}). \"Subjects for +-{MARGIN}\": "
+            f"how many subjects an interval that narrow would take, from the spread of the differences measured "
+            f"(1.96 sd / sqrt(n) = {MARGIN}).")
+    finish("verdicts", note + "\n\n" + table, main, args, time.time(), None, [])
 
 
 GRID = {"untrained W4A8": ("w4a8", None), "W4A8 baseline": ("w4a8", "w4a8-peqa"), "W4A8 S1": ("w4a8", "w4a8-s1"),

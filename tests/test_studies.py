@@ -1,5 +1,6 @@
 """studies.py: a shortened trade-off study end to end, its cache, and the README section it writes."""
 import json
+import re
 
 import pytest
 
@@ -115,9 +116,11 @@ def test_prompt_order_puts_every_third_first_and_keeps_all():
 def test_verdicts_come_from_the_stored_results(tmp_path):
     """A made-up set of stored results where S1 is better than the baseline, S2 worse and S1+S2 the same up to
     noise: the table says reproduced, not reproduced and inconclusive, row by row, from those files alone."""
+    import math
     import random
+    import statistics
     rng = random.Random(0)
-    subjects = [f"s{i}" for i in range(10)]
+    subjects = list(studies.metrics.dataset_subjects(studies.DATASET)[1])[:10]    # toy subjects, made-up scores
     metrics_ = ("clip_i", "local_clip_i", "clip_t", "dino")
     score = lambda shift, **extra: {**{k: 0.5 + shift + rng.gauss(0, 0.005) for k in metrics_},
                                     "train_seconds": 10.0, "trainable": 100, "file_mib": 0.1, **extra}
@@ -148,6 +151,15 @@ def test_verdicts_come_from_the_stored_results(tmp_path):
     assert word[("7. a key interval exists", "the other subjects' best fifth of t - the other fifths (DINO gain)",
                  "DINO")] == "reproduced"
     assert len(rows) == 3 + 4 * 4 + 6 + 3 + 1 + 2
+    need = {(r[0][2:], r[1], r[2]): r[-2] for r in rows}
+    spread = statistics.stdev([main[s]["W4A8 s1+s2"]["200"]["clip_i"] - main[s]["W4A8 peqa"]["200"]["clip_i"]
+                               for s in subjects])                   # about 0.03: some 35 subjects for +-0.01
+    assert need[("4. S1 + S2 beats the baseline", "S1+S2 - baseline", "CLIP-I")] == str(math.ceil((1.96 * spread
+                                                                                                  / 0.01) ** 2))
+    assert need[("6. S2 costs more than S1", "S2 - S1", "trainable")] == "-"
+    studies.main(["verdicts", "--out", str(tmp_path), "--no-readme", "--subjects", ",".join(subjects[:3])])
+    few = [line for line in (tmp_path / "verdicts" / "table.md").read_text().splitlines() if line.startswith("| 2.")]
+    assert few and all(re.search(r"\| 3 \| [\d,]+ \| too few subjects \|$", line) for line in few)
     for name in ("tradeoff", "intervals"):           # a study not run yet: its claims say so, the others stand
         (tmp_path / name / "results.json").unlink()
     studies.main(["verdicts", "--out", str(tmp_path), "--no-readme"])
