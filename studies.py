@@ -311,15 +311,15 @@ def finish(name, table, results, args, t0, plot, jobs):
     folder = Path(args.out) / name
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "results.json").write_text(json.dumps(results, indent=2))
-    # the wall time of the run that scored something; a rerun that found everything cached keeps that figure
-    wall = folder / "wall.json"
-    fresh = any(f.stat().st_mtime > t0 for j in jobs for f in Path(j["dir"]).glob("scores_*.json"))
-    if fresh or not wall.is_file():
-        wall.write_text(json.dumps({"minutes": (time.time() - t0) / 60}))
-    minutes = json.loads(wall.read_text())["minutes"]
+    # this run's wall time where it scored everything itself; a table over runs that earlier jobs cached says so
+    scored = [f.stat().st_mtime > t0 for j in jobs for f in Path(j["dir"]).glob("scores_*.json")]
+    wall = (f"{(time.time() - t0) / 60:.0f} min on this 2-core CPU" if all(scored) else
+            "over runs cached by earlier jobs" if not any(scored) else
+            f"{(time.time() - t0) / 60:.0f} min on this 2-core CPU, over {scored.count(False)} of {len(scored)} "
+            f"scored steps cached by earlier jobs")
     command = "python studies.py " + " ".join(sys.argv[1:])
     block = (f"{table}\n\n" + (f"![{name}]({plot})\n\n" if plot else "")
-             + f"`{command}`: {len(results)} subjects, {minutes:.0f} min on this 2-core CPU{cpu_time(jobs)}.\n")
+             + f"`{command}`: {len(results)} subjects, {wall}{cpu_time(jobs)}.\n")
     (folder / "table.md").write_text(block)
     print(block)
     if args.readme:

@@ -38,6 +38,8 @@ def test_tradeoff_study_writes_its_table_and_resumes(quick_base, tmp_path, monke
     stamp = (run / "scores_2.json").stat().st_mtime_ns
     studies.main(argv)                                               # cached: nothing is trained or scored again
     assert (run / "scores_2.json").stat().st_mtime_ns == stamp
+    again = (tmp_path / "tradeoff" / "table.md").read_text()
+    assert f"1 subjects, over runs cached by earlier jobs; its runs took {minutes:.0f} CPU-minutes" in again
     (run / "scores_1.json").unlink()                                 # step 1 is gone but the run is at step 2
     with pytest.raises(RuntimeError, match="trained past step 1"):
         studies.main(argv)
