@@ -19,7 +19,7 @@ each, 25 DDIM steps, guidance 7.5. This file only schedules runs and draws their
 belong neither in the training nor in the metric code; that is why it stands apart.
 
     python studies.py main --subjects backpack_bolt,cat_heart,clock_moon   # 74 min on one core (measured)
-    python studies.py main                 # all 30: ~25 CPU minutes per subject, ~6 h on 2 cores (estimated)
+    python studies.py main                 # all 30: ~30 CPU minutes per subject (measured on 11), ~7.5 h on 2 cores
     python studies.py tradeoff             # ~10 CPU minutes per subject (estimated from main's run times)
     python studies.py experts              # ~6 per subject after main (shared runs are reused)
     python studies.py intervals            # ~15 per subject after main (its baseline and S1 runs are reused)
