@@ -154,10 +154,9 @@ def run_job(spec):
                                                   **spec["flags"])
                 except train.TrainingError as e:          # e.g. the cached run was made with another --seed
                     raise RuntimeError(f"{e} [studies.py: delete {run} to redo this run]") from None
-            seconds = time.time() - t0
+            train_seconds = time.time() - t0
             r = {**score(spec["base_file"], scales, spec["subject"], spec["cls"], spec["settings"]),
-                 "train_seconds": seconds, "settings": spec["settings"]}
-            r["seconds"] = time.time() - t0
+                 "train_seconds": train_seconds, "seconds": time.time() - t0, "settings": spec["settings"]}
             if scales is not None:
                 r["trainable"] = sum(v.numel() for v in load_file(scales).values())
                 r["file_mib"] = scales.stat().st_size / 2**20
@@ -312,24 +311,26 @@ def finish(name, table, results, args, t0, plot, jobs):
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "results.json").write_text(json.dumps(results, indent=2))
     # this run's wall time where it scored everything itself; a table over runs that earlier jobs cached says so
-    scored = [f.stat().st_mtime > t0 for j in jobs for f in Path(j["dir"]).glob("scores_*.json")]
+    files = [f for j in jobs for f in Path(j["dir"]).glob("scores_*.json")]
+    scored = [f.stat().st_mtime > t0 for f in files]
     wall = (f"{(time.time() - t0) / 60:.0f} min on this 2-core CPU" if all(scored) else
             "over runs cached by earlier jobs" if not any(scored) else
             f"{(time.time() - t0) / 60:.0f} min on this 2-core CPU, over {scored.count(False)} of {len(scored)} "
             f"scored steps cached by earlier jobs")
     command = "python studies.py " + " ".join(sys.argv[1:])
     block = (f"{table}\n\n" + (f"![{name}]({plot})\n\n" if plot else "")
-             + f"`{command}`: {len(results)} subjects, {wall}{cpu_time(jobs)}.\n")
+             + f"`{command}`: {len(results)} subjects, {wall}{cpu_time(files)}.\n")
     (folder / "table.md").write_text(block)
     print(block)
     if args.readme:
         write_readme(name, block)
 
 
-def cpu_time(jobs):
-    """What the study's runs cost, summed from their cached scores (each run trains and scores on one thread), for
-    a table written over runs that earlier jobs made: ' (runs: X CPU-minutes, ...)', or '' where none was timed."""
-    steps = [json.loads(f.read_text()) for j in jobs for f in Path(j["dir"]).glob("scores_*.json")]
+def cpu_time(files):
+    """What the study's runs cost, summed from their cached scores files (each run trains and scores on one thread),
+    so that a table written over runs earlier jobs made still says it: '; its runs took X CPU-minutes ...', or ''
+    where none was timed."""
+    steps = [json.loads(f.read_text()) for f in files]
     timed = [r["seconds"] for r in steps if "seconds" in r]
     if not timed:
         return ""

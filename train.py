@@ -93,12 +93,14 @@ def generate_class_images(sd, class_prompt, folder, n, seed=0, batch_size=4, num
     elif not note.is_file():
         note.write_text(class_prompt + "\n")
     todo = [i for i in range(n) if not (folder / f"{i:04d}.png").is_file()]
-    bar = sample.progress(todo, f"class images of {class_prompt!r}", total=n, unit="images", initial=n - len(todo))
-    for i in bar if todo else []:         # one seed per image, so a batch size change or a resume keeps the images
-        img = sample.generate(sd, class_prompt, seed=seed + i, num_inference_steps=num_inference_steps,
-                              guidance_scale=guidance_scale, height=height, width=width)[0]
-        img.save(folder / f".{i:04d}.png")               # rename is atomic: a killed run leaves no half file
-        (folder / f".{i:04d}.png").replace(folder / f"{i:04d}.png")
+    # the folder is locked only while images are drawn: finished ones are only read, by any number of runs
+    with folder_lock(folder, "--class_data_dir") if todo else contextlib.nullcontext():
+        bar = sample.progress(todo, f"class images of {class_prompt!r}", total=n, unit="images", initial=n - len(todo))
+        for i in bar if todo else []:     # one seed per image, so a batch size change or a resume keeps the images
+            img = sample.generate(sd, class_prompt, seed=seed + i, num_inference_steps=num_inference_steps,
+                                  guidance_scale=guidance_scale, height=height, width=width)[0]
+            img.save(folder / f".{i:04d}.png")           # rename is atomic: a killed run leaves no half file
+            (folder / f".{i:04d}.png").replace(folder / f"{i:04d}.png")
     return sorted(folder.glob("[0-9][0-9][0-9][0-9].png"))[:n]
 
 
@@ -389,12 +391,9 @@ def prepare(sd, args):
     data["inst_mean"], data["inst_std"] = encode(sd, inst)
     data["inst_ctx"] = sample.encode_prompts(sd, [args.instance_prompt])
     if args.with_prior_preservation:
-        folder = Path(args.class_data_dir)       # locked only while images are drawn: finished ones are only read,
-        done = all((folder / f"{i:04d}.png").is_file() for i in range(args.num_class_images))   # by any number of runs
-        with contextlib.nullcontext() if done else folder_lock(folder, "--class_data_dir"):
-            files = generate_class_images(sd, args.class_prompt, folder, args.num_class_images, seed=args.seed,
-                                          batch_size=args.sample_batch_size, height=args.resolution,
-                                          num_inference_steps=args.class_inference_steps, width=args.resolution)
+        files = generate_class_images(sd, args.class_prompt, args.class_data_dir, args.num_class_images,
+                                      seed=args.seed, batch_size=args.sample_batch_size, height=args.resolution,
+                                      num_inference_steps=args.class_inference_steps, width=args.resolution)
         data["class_mean"], data["class_std"] = encode(sd, load_images(files, args.resolution))
         data["class_ctx"] = sample.encode_prompts(sd, [args.class_prompt])
     sd.vae = sd.text_encoder = None
