@@ -23,10 +23,13 @@ belong neither in the training nor in the metric code; that is why it stands apa
     python studies.py tradeoff             # ~10 CPU minutes per subject (estimated from main's run times)
     python studies.py experts              # ~6 per subject after main (shared runs are reused)
     python studies.py intervals            # ~15 per subject after main (its baseline and S1 runs are reused)
-Runs are cached in runs/studies/ (rerun to resume; delete a folder to redo it). `--workers 2` (the default) runs two
-single-threaded jobs side by side: for models this small that is twice the throughput of one job on two threads.
+Runs are cached in runs/studies/ (rerun to resume; delete a folder to redo it); their scores, one small JSON file
+per scored step, and each study's results.json are kept apart in docs/results/, which git tracks, so that a fresh
+clone rebuilds every table and verdict without training (a scored step found there is not run again).
+`--workers 2` (the default) runs two single-threaded jobs side by side: for models this small that is twice the
+throughput of one job on two threads.
 Under torchrun the jobs are shared among its processes (each with its own --workers), on one machine or several with
-a shared --out; the first process writes the tables:
+a shared --out and --results; the first process writes the tables:
     torchrun --nproc_per_node 4 studies.py main --workers 1     # four processes, one job each at a time
 """
 import argparse
@@ -134,9 +137,9 @@ def run_job(spec):
     run, results = Path(spec["dir"]), {}
     with quiet(run / "log.txt"):
         for n in spec["steps"]:
-            cached = run / f"scores_{n}.json"
-            kept = json.loads(cached.read_text()) if cached.is_file() else {}
-            if kept.get("settings") == spec["settings"]:
+            cached = Path(spec["scores_dir"]) / f"scores_{n}.json"
+            kept = stored_step(spec, n)
+            if kept:
                 results[n] = kept
                 continue
             t0, scales = time.time(), None
@@ -160,9 +163,20 @@ def run_job(spec):
             if scales is not None:
                 r["trainable"] = sum(v.numel() for v in load_file(scales).values())
                 r["file_mib"] = scales.stat().st_size / 2**20
+            if n > 0 and (run / "auto_interval.json").is_file():         # --t_range auto's probes, for intervals
+                r["auto_interval"] = json.loads((run / "auto_interval.json").read_text())
+            cached.parent.mkdir(parents=True, exist_ok=True)
             cached.write_text(json.dumps(r, indent=2))
             results[n] = r
     return spec["subject"], spec["name"], results
+
+
+def stored_step(spec, n):
+    """The scores of step n of a job as --results holds them, or None where they are missing or were made with other
+    settings (another protocol or toy model)."""
+    cached = Path(spec["scores_dir"]) / f"scores_{n}.json"
+    kept = json.loads(cached.read_text()) if cached.is_file() else {}
+    return kept if kept.get("settings") == spec["settings"] else None
 
 
 def in_workers(fn, items, workers, show=None):
@@ -201,25 +215,31 @@ def run_jobs(jobs, workers):
     return [parts[i % world][i // world] for i in range(len(jobs))]
 
 
-def prepare_bases(bases, subjects, classes, args):
-    """Base files and class images for every base model used, made before any job starts (no two jobs race); under
-    torchrun by the first process while the others wait."""
+def prepare_bases(jobs, args):
+    """Base files and class images for the jobs that still have a step to score, made before any job starts (no two
+    jobs race); under torchrun by the first process while the others wait. Nothing is made where --results already
+    holds every step (a fresh clone rebuilds the tables without quantizing or drawing anything)."""
+    todo = [j for j in jobs if any(stored_step(j, n) is None for n in j["steps"])]
+    bases = sorted({j["base"] for j in todo})
     rank, world = shard()
     if rank > 0:
         dist.barrier()                                      # the first process makes them; then they are found
-        return {b: base_path(b, args.out) for b in bases}
-    files = {b: base_path(b, args.out) for b in bases}
-    specs = [dict(base_file=str(files[b]), cls=c, n=args.num_class_images, dir=str(class_dir(args.out, b, c)))
-             for b in bases for c in sorted({classes[s] for s in subjects})]
-    in_workers(make_class_images, specs, args.workers)
-    if world > 1:
-        dist.barrier()
-    return files
+    files = {b: str(base_path(b, args.out)) for b in bases}
+    if rank == 0:
+        specs = [dict(base_file=files[b], cls=c, n=args.num_class_images, dir=str(class_dir(args.out, b, c)))
+                 for b in bases for c in sorted({j["cls"] for j in todo if j["base"] == b})]
+        in_workers(make_class_images, specs, args.workers)
+        if world > 1:
+            dist.barrier()
+    for j in todo:
+        j["base_file"] = files[j["base"]]
+    return jobs
 
 
-def jobs_for(variants, subjects, classes, files, args, folder="runs"):
+def jobs_for(variants, subjects, classes, args, folder="runs"):
     """variants: {name: (base, method, prior, steps)} -> job specs; the run folder is named by what it trains, so
-    two studies that need the same run share it (the trade-off's runs, scored on the way, live apart)."""
+    two studies that need the same run share it (the trade-off's runs, scored on the way, live apart); its scores go
+    to the same path under --results."""
     settings = {k: getattr(args, k) for k in ("n_prompts", "n_images", "num_inference_steps", "seed",
                                               "num_class_images", "batch_images")}
     settings["toy_sha256"] = ckpt.sha256(ckpt.TOY_CKPT)     # cached scores of another toy model are not reused
@@ -227,10 +247,11 @@ def jobs_for(variants, subjects, classes, files, args, folder="runs"):
     for s in subjects:
         for name, (base, method, prior, steps) in variants.items():
             tag = f"{base}-{method}" + ("" if prior else "-noprior")
-            jobs.append(dict(name=name, subject=s, cls=classes[s], base_file=str(files[base]), flags=METHODS[method],
+            jobs.append(dict(name=name, subject=s, cls=classes[s], base=base, flags=METHODS[method],
                              prior=prior, steps=steps, settings=settings, dir=str(Path(args.out) / folder / tag / s),
+                             scores_dir=str(Path(args.results) / folder / tag / s),
                              class_dir=str(class_dir(args.out, base, classes[s]))))
-    return jobs
+    return prepare_bases(jobs, args)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -289,6 +310,22 @@ def peak_memory(base, flags, subject, cls, args, steps=5):
     return int(peak[0]) / 1024                               # kB -> MiB
 
 
+def stored_memory(args, name, variants, subject, classes):
+    """Each variant's peak memory (MiB) for --memory, measured one after another in processes of their own (the first
+    torchrun process alone) where --results does not hold it yet; stored there as memory.json (delete it to measure
+    again on another machine)."""
+    path = Path(args.results) / name / "memory.json"
+    memory = json.loads(path.read_text()) if path.is_file() else {}
+    if not args.memory or shard()[0] > 0:
+        return memory if args.memory else {}
+    for v, (base, method, _, _) in variants.items():
+        if v not in memory:
+            memory[v] = peak_memory(base, METHODS[method], subject, classes[subject], args)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(memory, indent=2) + "\n")
+    return memory
+
+
 def save_plot(fig, name, args):
     if shard()[0] > 0:                                      # under torchrun the first process writes the results
         return None
@@ -307,11 +344,11 @@ def finish(name, table, results, args, t0, plot, jobs):
     the first process alone)."""
     if shard()[0] > 0:
         return
-    folder = Path(args.out) / name
+    folder = Path(args.results) / name
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "results.json").write_text(json.dumps(results, indent=2))
+    (folder / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     # this run's wall time where it scored everything itself; a table over runs that earlier jobs cached says so
-    files = [f for j in jobs for f in Path(j["dir"]).glob("scores_*.json")]
+    files = [f for j in jobs for f in Path(j["scores_dir"]).glob("scores_*.json")]
     scored = [f.stat().st_mtime > t0 for f in files]
     wall = (f"{(time.time() - t0) / 60:.0f} min on this 2-core CPU" if all(scored) else
             "over runs cached by earlier jobs" if not any(scored) else
@@ -367,9 +404,8 @@ def study_tradeoff(args, subjects, classes):
     """Study 1: the baseline's subject and prompt fidelity against training steps, with and without the prior.
     The untrained row holds the means; the others the paired change from it, subject by subject."""
     t0, steps = time.time(), [int(s) for s in args.steps.split(",")]
-    files = prepare_bases(["w4a8"], subjects, classes, args)
     variants = {"prior": ("w4a8", "peqa", True, [0, *steps]), "no prior": ("w4a8", "peqa", False, steps)}
-    jobs = jobs_for(variants, subjects, classes, files, args, "curves")
+    jobs = jobs_for(variants, subjects, classes, args, "curves")
     results = per_subject(run_jobs(jobs, args.workers))
 
     def column(variant, step, k):
@@ -412,15 +448,9 @@ def study_methods(args, subjects, classes, name, variants, label, footer=None):
     """Studies 2-4: one trained model per variant and subject, scored after --train_steps (the toy default). Means
     of the four metrics, then the paired change of CLIP-I, DINO and CLIP-T from the untrained model of the same base."""
     t0 = time.time()
-    bases = sorted({b for b, *_ in variants.values()})
-    files = prepare_bases(bases, subjects, classes, args)
-    jobs = jobs_for(variants, subjects, classes, files, args)
+    jobs = jobs_for(variants, subjects, classes, args)
     results = per_subject(run_jobs(jobs, args.workers))
-    memory = {}
-    if args.memory and shard()[0] == 0:                      # one process per method, one after another
-        s = subjects[0]
-        for v, (base, method, _, _) in variants.items():
-            memory[v] = peak_memory(base, METHODS[method], s, classes[s], args)
+    memory = stored_memory(args, name, variants, subjects[0], classes)
     untrained = {base: [results[s][v]["0"] for s in subjects] for v, (base, _, _, steps) in variants.items()
                  if 0 in steps}
     head = (f"| {label} | CLIP-I | local CLIP-I | CLIP-T | DINO | change CLIP-I | change DINO | change CLIP-T "
@@ -491,7 +521,7 @@ def study_intervals(args, subjects, classes):
     def probes_vs_runs(results):
         chosen, rho = [], {k: [] for k in ("clip_i", "dino", "clip_t")}
         for s in subjects:
-            probe = json.loads((Path(args.out) / "runs" / "w4a8-s1auto" / s / "auto_interval.json").read_text())
+            probe = results[s]["S1 auto (per subject)"][str(n)]["auto_interval"]
             chosen.append(f"{s} {probe['t_range'][0]}-{probe['t_range'][1]}")
             untrained = results[s]["all t (baseline)"]["0"]
             for k in rho:
@@ -538,8 +568,8 @@ def verdict(lo, hi, direction=1, margin=None):
 
 
 def stored(args, name):
-    """A study's stored results, or None if it has not been run into this --out."""
-    path = Path(args.out) / name / "results.json"
+    """A study's stored results, or None if it has not been run into this --results."""
+    path = Path(args.results) / name / "results.json"
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -636,7 +666,7 @@ def interval_rows(intervals):
 def study_verdicts(args, subjects, classes):
     """The verdict table, computed from what `tradeoff`, `main` and `intervals` stored (nothing is trained)."""
     if not stored(args, "main"):
-        raise SystemExit(f"error: {Path(args.out) / 'main'} holds no results; run `python studies.py main` first")
+        raise SystemExit(f"error: {Path(args.results) / 'main'} holds no results; run `python studies.py main` first")
     kept = lambda results: results and {s: v for s, v in results.items()          # --subjects' only, if given
                                         if args.subjects == "all" or s in subjects}
     main = kept(stored(args, "main"))
@@ -699,7 +729,9 @@ def main(argv=None):
     p.add_argument("study", choices=sorted(STUDIES), help="which study to run (see the module docstring)")
     p.add_argument("--subjects", default="all", help="comma-separated toy subjects, or all")
     p.add_argument("--workers", type=int, default=2, help="number of single-threaded jobs run side by side")
-    p.add_argument("--out", default="runs/studies", help="cache of runs, scores and class images")
+    p.add_argument("--out", default="runs/studies", help="cache of runs (scales, training state) and class images")
+    p.add_argument("--results", default="docs/results", help="the scores of every scored step and each study's "
+                   "results.json (small JSON files, kept in git: tables and verdicts rebuild from them)")
     p.add_argument("--steps", default="50,100,200,400", help="tradeoff: comma-separated training steps to score at")
     p.add_argument("--train_steps", type=int, default=train.TOY_DEFAULTS["max_train_steps"],
                    help="main/experts/intervals: training steps per run (train.py's toy default)")

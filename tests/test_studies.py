@@ -1,4 +1,5 @@
-"""studies.py: a shortened trade-off study end to end, its cache, and the README section it writes."""
+"""studies.py: a shortened trade-off study end to end, its cache, the stored results it rebuilds from, and the
+README section it writes."""
 import json
 import re
 
@@ -21,7 +22,7 @@ def test_tradeoff_study_writes_its_table_and_resumes(quick_base, tmp_path, monke
     monkeypatch.setattr(studies, "base_path", lambda base, out: quick_base)
     argv = ["tradeoff", "--subjects", "mug_star", "--steps", "1,2", "--n_prompts", "1", "--n_images", "1",
             "--num_inference_steps", "2", "--num_class_images", "1", "--workers", "1", "--out", str(tmp_path),
-            "--no-readme"]
+            "--results", str(tmp_path), "--no-readme"]
     studies.main(argv)
     table = (tmp_path / "tradeoff" / "table.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ") and line[2].isdigit()]
@@ -43,6 +44,34 @@ def test_tradeoff_study_writes_its_table_and_resumes(quick_base, tmp_path, monke
     (run / "scores_1.json").unlink()                                 # step 1 is gone but the run is at step 2
     with pytest.raises(RuntimeError, match="trained past step 1"):
         studies.main(argv)
+
+
+def test_a_fresh_clone_rebuilds_the_tables_from_the_stored_results(quick_base, tmp_path, monkeypatch):
+    """--results alone (what git keeps) rebuilds a study's table: no run folder, no base model, no class image; a
+    step scored with other settings is run again."""
+    monkeypatch.setattr(studies, "base_path", lambda base, out: quick_base)
+    argv = ["tradeoff", "--subjects", "mug_star", "--steps", "1", "--n_prompts", "1", "--n_images", "1",
+            "--num_inference_steps", "2", "--num_class_images", "1", "--workers", "1", "--results",
+            str(tmp_path / "results"), "--no-readme"]
+    studies.main(argv + ["--out", str(tmp_path / "first")])
+    table = (tmp_path / "results" / "tradeoff" / "table.md").read_text()
+    assert not (tmp_path / "first" / "tradeoff" / "table.md").exists()     # the table went to --results
+    stored = sorted((tmp_path / "results" / "curves").glob("*/mug_star/scores_*.json"))
+    assert sorted(f.name for f in stored) == ["scores_0.json", "scores_1.json", "scores_1.json"]
+    stamps = [f.stat().st_mtime_ns for f in stored]
+
+    def nothing_made(base, out):
+        raise AssertionError("a base model was asked for")
+    monkeypatch.setattr(studies, "base_path", nothing_made)
+    studies.main(argv + ["--out", str(tmp_path / "fresh")])
+    assert not (tmp_path / "fresh" / "class").exists()               # no class image drawn
+    assert [f.stat().st_mtime_ns for f in stored] == stamps
+    again = (tmp_path / "results" / "tradeoff" / "table.md").read_text()
+    rows = lambda t: [line for line in t.splitlines() if line.startswith("|")]
+    assert rows(again) == rows(table)
+    monkeypatch.setattr(studies, "base_path", lambda base, out: quick_base)
+    studies.main(argv + ["--out", str(tmp_path / "fresh"), "--seed", "1"])   # other settings: scored anew
+    assert all(f.stat().st_mtime_ns != t for f, t in zip(stored, stamps))
 
 
 def test_readme_section_is_replaced_between_its_markers(tmp_path, monkeypatch):
@@ -95,7 +124,8 @@ def test_sharded_studies_equal_one_process(quick_base, tmp_path):
     for cmd, out in (([sys.executable], "one"),
                      ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                        "29541"], "two")):
-        done = subprocess.run([*cmd, *common, "--out", str(tmp_path / out)], cwd=tmp_path, env=env,
+        done = subprocess.run([*cmd, *common, "--out", str(tmp_path / out), "--results", str(tmp_path / out)],
+                              cwd=tmp_path, env=env,
                               capture_output=True, text=True)
         assert done.returncode == 0, done.stderr[-2000:]
     one, two = (json.loads((tmp_path / d / "tradeoff" / "results.json").read_text()) for d in ("one", "two"))
@@ -139,7 +169,7 @@ def test_verdicts_come_from_the_stored_results(tmp_path):
     for name, results in (("tradeoff", tradeoff), ("main", main), ("intervals", intervals)):
         (tmp_path / name).mkdir()
         (tmp_path / name / "results.json").write_text(json.dumps(results))
-    studies.main(["verdicts", "--out", str(tmp_path), "--no-readme"])
+    studies.main(["verdicts", "--results", str(tmp_path), "--no-readme"])
     rows = [line.split(" | ") for line in (tmp_path / "verdicts" / "table.md").read_text().splitlines()
             if line.startswith("| ") and line[2].isdigit()]
     word = {(r[0][2:], r[1], r[2]): r[-1].rstrip(" |") for r in rows}
@@ -159,20 +189,21 @@ def test_verdicts_come_from_the_stored_results(tmp_path):
     assert need[("4. S1 + S2 beats the baseline", "S1+S2 - baseline", "CLIP-I")] == str(math.ceil((1.96 * spread
                                                                                                   / 0.01) ** 2))
     assert need[("6. S2 costs more than S1", "S2 - S1", "trainable")] == "-"
-    studies.main(["verdicts", "--out", str(tmp_path), "--no-readme", "--subjects", ",".join(subjects[:3])])
+    studies.main(["verdicts", "--results", str(tmp_path), "--no-readme", "--subjects", ",".join(subjects[:3])])
     few = [line for line in (tmp_path / "verdicts" / "table.md").read_text().splitlines() if line.startswith("| 2.")]
     assert few and all(re.search(r"\| 3 \| [\d,]+ \| too few subjects \|$", line) for line in few)
     for name in ("tradeoff", "intervals"):           # a study not run yet: its claims say so, the others stand
         (tmp_path / name / "results.json").unlink()
-    studies.main(["verdicts", "--out", str(tmp_path), "--no-readme"])
+    studies.main(["verdicts", "--results", str(tmp_path), "--no-readme"])
     table = (tmp_path / "verdicts" / "table.md").read_text()
     assert all(f"not run yet (`python studies.py {name}`)" in table for name in ("tradeoff", "intervals"))
     assert "| 2. S1 beats the baseline | S1 - baseline | local CLIP-I |" in table
     with pytest.raises(SystemExit, match="run `python studies.py main` first"):
         (tmp_path / "main" / "results.json").unlink()
-        studies.main(["verdicts", "--out", str(tmp_path), "--no-readme"])
+        studies.main(["verdicts", "--results", str(tmp_path), "--no-readme"])
 
 
 def test_grid_needs_the_main_studys_runs(tmp_path):
     with pytest.raises(SystemExit, match="is missing; run `python studies.py main --subjects dog_patch` first"):
-        studies.main(["grid", "--out", str(tmp_path), "--subjects", "dog_patch", "--no-readme"])
+        studies.main(["grid", "--out", str(tmp_path), "--results", str(tmp_path), "--subjects", "dog_patch",
+                      "--no-readme"])
