@@ -236,6 +236,12 @@ def prepare_bases(jobs, args):
     return jobs
 
 
+def seeded(args):
+    """What a --seed other than 0 adds to run and study folder names: '-seed1' and so on, so that a second training
+    seed of the same runs is stored beside the first (the spread between seeds is the training noise), not over it."""
+    return f"-seed{args.seed}" if args.seed else ""
+
+
 def jobs_for(variants, subjects, classes, args, folder="runs"):
     """variants: {name: (base, method, prior, steps)} -> job specs; the run folder is named by what it trains, so
     two studies that need the same run share it (the trade-off's runs, scored on the way, live apart); its scores go
@@ -246,7 +252,7 @@ def jobs_for(variants, subjects, classes, args, folder="runs"):
     jobs = []
     for s in subjects:
         for name, (base, method, prior, steps) in variants.items():
-            tag = f"{base}-{method}" + ("" if prior else "-noprior")
+            tag = f"{base}-{method}" + ("" if prior else "-noprior") + seeded(args)
             jobs.append(dict(name=name, subject=s, cls=classes[s], base=base, flags=METHODS[method],
                              prior=prior, steps=steps, settings=settings, dir=str(Path(args.out) / folder / tag / s),
                              scores_dir=str(Path(args.results) / folder / tag / s),
@@ -344,7 +350,7 @@ def finish(name, table, results, args, t0, plot, jobs):
     the first process alone)."""
     if shard()[0] > 0:
         return
-    folder = Path(args.results) / name
+    folder = Path(args.results) / (name + seeded(args))
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     # this run's wall time where it scored everything itself; a table over runs that earlier jobs cached says so
@@ -569,7 +575,7 @@ def verdict(lo, hi, direction=1, margin=None):
 
 def stored(args, name):
     """A study's stored results, or None if it has not been run into this --results."""
-    path = Path(args.results) / name / "results.json"
+    path = Path(args.results) / (name + seeded(args)) / "results.json"
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -666,7 +672,8 @@ def interval_rows(intervals):
 def study_verdicts(args, subjects, classes):
     """The verdict table, computed from what `tradeoff`, `main` and `intervals` stored (nothing is trained)."""
     if not stored(args, "main"):
-        raise SystemExit(f"error: {Path(args.results) / 'main'} holds no results; run `python studies.py main` first")
+        raise SystemExit(f"error: {Path(args.results) / ('main' + seeded(args))} holds no results; run `python "
+                         f"studies.py main{' --seed ' + str(args.seed) if args.seed else ''}` first")
     kept = lambda results: results and {s: v for s, v in results.items()          # --subjects' only, if given
                                         if args.subjects == "all" or s in subjects}
     main = kept(stored(args, "main"))
@@ -745,7 +752,9 @@ def main(argv=None):
                    "model the float rounding of another batch size moves some images (bench/eval_batch_toy.py)")
     p.add_argument("--num_class_images", type=int, default=20, help="class images for the prior preservation loss, "
                    "per class")
-    p.add_argument("--seed", type=int, default=0, help="seeds the training runs and the evaluation samples")
+    p.add_argument("--seed", type=int, default=0, help="seeds the training runs and the evaluation samples; "
+                   "another seed than 0 stores its runs and tables apart (folders named -seedN) and leaves the README "
+                   "to seed 0")
     p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                    help="main/experts: measure each method's peak memory in a process of its own")
     p.add_argument("--readme", action=argparse.BooleanOptionalAction, default=True,
@@ -758,6 +767,10 @@ def main(argv=None):
         p.error(f"unknown subjects {', '.join(unknown)}; the toy subjects are {', '.join(classes)}")
     if args.workers < 1 or args.n_images < 1 or not 1 <= args.n_prompts <= 25:
         p.error("--workers and --n_images must be >= 1, --n_prompts in 1..25")
+    if args.seed and args.readme:
+        print(f"--seed {args.seed}: the tables go to {args.results}/<study>-seed{args.seed}/, the README keeps "
+              "seed 0's")
+        args.readme = False
     torch.set_num_threads(1 if args.workers > 1 else torch.get_num_threads())
     STUDIES[args.study](args, subjects, classes)
 

@@ -70,7 +70,11 @@ def test_a_fresh_clone_rebuilds_the_tables_from_the_stored_results(quick_base, t
     rows = lambda t: [line for line in t.splitlines() if line.startswith("|")]
     assert rows(again) == rows(table)
     monkeypatch.setattr(studies, "base_path", lambda base, out: quick_base)
-    studies.main(argv + ["--out", str(tmp_path / "fresh"), "--seed", "1"])   # other settings: scored anew
+    studies.main(argv + ["--out", str(tmp_path / "fresh"), "--seed", "1"])   # a second seed is stored beside
+    assert [f.stat().st_mtime_ns for f in stored] == stamps
+    assert (tmp_path / "results" / "curves" / "w4a8-peqa-seed1" / "mug_star" / "scores_1.json").is_file()
+    assert (tmp_path / "results" / "tradeoff-seed1" / "table.md").is_file()
+    studies.main(argv + ["--out", str(tmp_path / "fresh"), "--n_images", "2"])   # other settings: scored anew
     assert all(f.stat().st_mtime_ns != t for f, t in zip(stored, stamps))
 
 
@@ -198,6 +202,8 @@ def test_verdicts_come_from_the_stored_results(tmp_path):
     table = (tmp_path / "verdicts" / "table.md").read_text()
     assert all(f"not run yet (`python studies.py {name}`)" in table for name in ("tradeoff", "intervals"))
     assert "| 2. S1 beats the baseline | S1 - baseline | local CLIP-I |" in table
+    with pytest.raises(SystemExit, match="run `python studies.py main --seed 1` first"):   # seeds are kept apart
+        studies.main(["verdicts", "--results", str(tmp_path), "--no-readme", "--seed", "1"])
     with pytest.raises(SystemExit, match="run `python studies.py main` first"):
         (tmp_path / "main" / "results.json").unlink()
         studies.main(["verdicts", "--results", str(tmp_path), "--no-readme"])
