@@ -159,7 +159,8 @@ def run_job(spec):
                     raise RuntimeError(f"{e} [studies.py: delete {run} to redo this run]") from None
             train_seconds = time.time() - t0
             r = {**score(spec["base_file"], scales, spec["subject"], spec["cls"], spec["settings"]),
-                 "train_seconds": train_seconds, "seconds": time.time() - t0, "settings": spec["settings"]}
+                 "train_seconds": train_seconds, "seconds": time.time() - t0, "settings": spec["settings"],
+                 "base_sha256": spec["base_sha256"]}
             if scales is not None:
                 r["trainable"] = sum(v.numel() for v in load_file(scales).values())
                 r["file_mib"] = scales.stat().st_size / 2**20
@@ -225,6 +226,12 @@ def prepare_bases(jobs, args):
     if rank > 0:
         dist.barrier()                                      # the first process makes them; then they are found
     files = {b: str(base_path(b, args.out)) for b in bases}
+    hashes = {b: ckpt.sha256(f) for b, f in files.items()}
+    for j in todo:                  # a run's steps all come from one base: a base quantized anew is another model
+        other = {r.get("base_sha256") for n in j["steps"] for r in [stored_step(j, n)] if r} - {None, hashes[j["base"]]}
+        if other:
+            raise SystemExit(f"error: {j['scores_dir']} holds steps scored on another {j['base']} base than "
+                             f"{files[j['base']]}; delete that folder (and {j['dir']}) to redo the run on this base")
     if rank == 0:
         specs = [dict(base_file=files[b], cls=c, n=args.num_class_images, dir=str(class_dir(args.out, b, c)))
                  for b in bases for c in sorted({j["cls"] for j in todo if j["base"] == b})]
@@ -232,7 +239,7 @@ def prepare_bases(jobs, args):
         if world > 1:
             dist.barrier()
     for j in todo:
-        j["base_file"] = files[j["base"]]
+        j["base_file"], j["base_sha256"] = files[j["base"]], hashes[j["base"]]
     return jobs
 
 

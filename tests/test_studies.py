@@ -76,6 +76,13 @@ def test_a_fresh_clone_rebuilds_the_tables_from_the_stored_results(quick_base, t
     assert (tmp_path / "results" / "tradeoff-seed1" / "table.md").is_file()
     studies.main(argv + ["--out", str(tmp_path / "fresh"), "--n_images", "2"])   # other settings: scored anew
     assert all(f.stat().st_mtime_ns != t for f, t in zip(stored, stamps))
+    run = tmp_path / "results" / "curves" / "w4a8-peqa" / "mug_star"
+    kept = json.loads((run / "scores_1.json").read_text())
+    assert kept["base_sha256"] == studies.ckpt.sha256(quick_base)
+    (run / "scores_1.json").write_text(json.dumps({**kept, "base_sha256": "another base"}))
+    (run / "scores_0.json").unlink()                                 # step 0 to score, step 1 from another base
+    with pytest.raises(SystemExit, match="scored on another w4a8 base"):
+        studies.main(argv + ["--out", str(tmp_path / "fresh"), "--n_images", "2"])
 
 
 def test_readme_section_is_replaced_between_its_markers(tmp_path, monkeypatch):
