@@ -586,6 +586,20 @@ def sha256(path):
     return h.hexdigest()
 
 
+def model_sha256(path):
+    """What a checkpoint holds rather than its bytes: for a quantized file, the sha256 of its UNet's tensors (stored
+    at save, checked at load) and of the float checkpoint it came from; else sha256(path). Two quantizations of one
+    model with the same settings on one machine and thread count are bit-identical but record different timings."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".safetensors":
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        if "qdp.unet_sha256" in meta:
+            base = json.loads(meta.get("qdp.quant", "{}")).get("base_sha256", "")
+            return hashlib.sha256((meta["qdp.unet_sha256"] + base).encode()).hexdigest()
+    return sha256(path)
+
+
 
 def load_personalized(sd, path, base_path=None):
     """Put train.py's output into a loaded base model: scales (PEQA), experts (S2: sd.unet becomes an ExpertUNet)

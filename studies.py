@@ -226,12 +226,19 @@ def prepare_bases(jobs, args):
     if rank > 0:
         dist.barrier()                                      # the first process makes them; then they are found
     files = {b: str(base_path(b, args.out)) for b in bases}
-    hashes = {b: ckpt.sha256(f) for b, f in files.items()}
-    for j in todo:                  # a run's steps all come from one base: a base quantized anew is another model
-        other = {r.get("base_sha256") for n in j["steps"] for r in [stored_step(j, n)] if r} - {None, hashes[j["base"]]}
-        if other:
-            raise SystemExit(f"error: {j['scores_dir']} holds steps scored on another {j['base']} base than "
-                             f"{files[j['base']]}; delete that folder (and {j['dir']}) to redo the run on this base")
+    hashes = {b: ckpt.model_sha256(f) for b, f in files.items()}
+    # A subject's runs on one base kind all use one base, so that its methods meet on one model. A base quantized
+    # anew on another machine or thread count is another model (AdaRound's rounding choices flip on float-order
+    # noise), so a subject's stored steps from another base are not mixed with new ones.
+    scored_on = lambda k: {r.get("base_sha256") for n in k["steps"] for r in [stored_step(k, n)] if r} - {None}
+    for subject, base in sorted({(j["subject"], j["base"]) for j in todo}):
+        mixed = [k["scores_dir"] for k in jobs
+                 if (k["subject"], k["base"]) == (subject, base) and scored_on(k) - {hashes[base]}]
+        if mixed:
+            raise SystemExit(
+                f"error: {subject}'s stored {base} steps in {', '.join(mixed)} were scored on another {base} base than "
+                f"{files[base]}; delete those folders (and their run folders under --out) to redo {subject}'s {base} "
+                f"runs on this base")
     if rank == 0:
         specs = [dict(base_file=files[b], cls=c, n=args.num_class_images, dir=str(class_dir(args.out, b, c)))
                  for b in bases for c in sorted({j["cls"] for j in todo if j["base"] == b})]

@@ -78,11 +78,34 @@ def test_a_fresh_clone_rebuilds_the_tables_from_the_stored_results(quick_base, t
     assert all(f.stat().st_mtime_ns != t for f, t in zip(stored, stamps))
     run = tmp_path / "results" / "curves" / "w4a8-peqa" / "mug_star"
     kept = json.loads((run / "scores_1.json").read_text())
-    assert kept["base_sha256"] == studies.ckpt.sha256(quick_base)
+    assert kept["base_sha256"] == studies.ckpt.model_sha256(quick_base)
     (run / "scores_1.json").write_text(json.dumps({**kept, "base_sha256": "another base"}))
     (run / "scores_0.json").unlink()                                 # step 0 to score, step 1 from another base
-    with pytest.raises(SystemExit, match="scored on another w4a8 base"):
+    with pytest.raises(SystemExit, match="mug_star's stored w4a8 steps in .* scored on another w4a8 base"):
         studies.main(argv + ["--out", str(tmp_path / "fresh"), "--n_images", "2"])
+
+
+def test_a_base_is_named_by_its_tensors_not_by_its_file(quick_base, tmp_path):
+    """A quantization made again on the same machine and threads is bit-identical but records other timings: the
+    same model_sha256, another file sha256. Other UNet tensors, or another float model behind them: another one."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(quick_base)
+    with safe_open(str(quick_base), "pt") as f:
+        meta = f.metadata()
+    info = json.loads(meta["qdp.quant"])
+
+    def saved(name, **changes):
+        m = {**meta, "qdp.quant": json.dumps({**info, **changes.pop("quant", {})}), **changes}
+        save_file(tensors, str(tmp_path / name), metadata=m)
+        return tmp_path / name
+    again = saved("again.safetensors", quant={"quant_seconds": info["quant_seconds"] + 7})
+    assert studies.ckpt.sha256(again) != studies.ckpt.sha256(quick_base)
+    assert studies.ckpt.model_sha256(again) == studies.ckpt.model_sha256(quick_base)
+    for other in (saved("codes.safetensors", **{"qdp.unet_sha256": "0" * 64}),
+                  saved("float.safetensors", quant={"base_sha256": "1" * 64})):
+        assert studies.ckpt.model_sha256(other) != studies.ckpt.model_sha256(quick_base)
+    assert studies.ckpt.model_sha256(studies.ckpt.TOY_CKPT) == studies.ckpt.sha256(studies.ckpt.TOY_CKPT)
 
 
 def test_readme_section_is_replaced_between_its_markers(tmp_path, monkeypatch):
