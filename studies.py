@@ -376,11 +376,23 @@ def finish(name, table, results, args, t0, plot, jobs):
             f"scored steps cached by earlier jobs")
     command = "python studies.py " + " ".join(sys.argv[1:])
     block = (f"{table}\n\n" + (f"![{name}]({plot})\n\n" if plot else "")
-             + f"`{command}`: {len(results)} subjects, {wall}{cpu_time(files)}.\n")
+             + f"`{command}`: {len(results)} subjects, {wall}{cpu_time(files)}{bases_used(jobs)}.\n")
     (folder / "table.md").write_text(block)
     print(block)
     if args.readme:
         write_readme(name, block)
+
+
+def bases_used(jobs):
+    """'; W4A8 runs on 2 bases, W8A8 on 1 (...)': how many quantization runs a study's stored quantized scores name
+    (a base quantized anew is another model; each subject's runs share one); '' where none is quantized."""
+    named = {}
+    for j in jobs:
+        if j["base"] != "fp":
+            named.setdefault(j["base"], set()).update((stored_step(j, n) or {}).get("base_sha256") for n in j["steps"])
+    said = [f"{b.upper()} {'runs on ' if not k else ''}{len(h)} base{'s' if len(h) > 1 else ''}"
+            for k, (b, h) in enumerate(sorted(named.items()))]
+    return f"; {', '.join(said)} (each subject's runs on one)" if said else ""
 
 
 def cpu_time(files):

@@ -34,7 +34,8 @@ def test_tradeoff_study_writes_its_table_and_resumes(quick_base, tmp_path, monke
     steps = [r for v in results["mug_star"].values() for r in v.values()]
     assert all(r["seconds"] >= r["train_seconds"] > 0 for r in steps)    # each step's training and scoring, timed
     minutes = sum(json.loads(f.read_text())["seconds"] for f in tmp_path.glob("curves/*/mug_star/scores_*.json")) / 60
-    assert f"its runs took {minutes:.0f} CPU-minutes on one thread each." in table   # summed from the cache
+    assert f"its runs took {minutes:.0f} CPU-minutes on one thread each" in table   # summed from the cache
+    assert "; W4A8 runs on 1 base (each subject's runs on one)." in table           # the bases its scores name
     run = tmp_path / "curves" / "w4a8-peqa" / "mug_star"
     stamp = (run / "scores_2.json").stat().st_mtime_ns
     studies.main(argv)                                               # cached: nothing is trained or scored again
