@@ -367,6 +367,7 @@ def test_cli_end_to_end_and_sample(tiny_file, tmp_path, capsys):
     fp_bytes = sum(p.numel() for p in unet_lib.UNet(CFG).parameters()) * 4
     assert unet_bytes < 0.2 * fp_bytes
     assert info["wbits"] == 4 and info["abits"] == 8 and info["iters"] == 4 and len(info["base_sha256"]) == 64
+    assert info["threads"] == torch.get_num_threads() and info["torch"] == torch.__version__   # its float order
     image = tmp_path / "cat.png"
     sample.main(["--ckpt", str(out), "--prompt", "a cat", "--num_inference_steps", "2", "--device", "cpu",
                  "--out", str(image)])
