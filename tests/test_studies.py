@@ -109,6 +109,38 @@ def test_a_base_is_named_by_its_tensors_not_by_its_file(quick_base, tmp_path):
     assert studies.ckpt.model_sha256(studies.ckpt.TOY_CKPT) == studies.ckpt.sha256(studies.ckpt.TOY_CKPT)
 
 
+def test_a_subjects_runs_on_one_base_kind_share_one_base(tmp_path, monkeypatch):
+    """A run with nothing stored is refused when another run of the same subject and base kind was scored on another
+    base (its methods would meet on two models); other subjects and other base kinds do not count."""
+    import argparse
+    from pathlib import Path
+    monkeypatch.setattr(studies, "base_path", lambda base, out: studies.ckpt.TOY_CKPT)   # a stand-in base
+    args = argparse.Namespace(out=str(tmp_path / "out"), results=str(tmp_path / "results"), n_prompts=1, n_images=1,
+                              num_inference_steps=2, seed=0, num_class_images=1, batch_images=1, workers=1)
+    variants = {"baseline": ("w4a8", "peqa", True, [1]), "S1": ("w4a8", "s1", True, [1]),
+                "FP": ("fp", "full", True, [1])}
+    classes = {"mug_star": "mug", "dog_patch": "dog"}
+    with monkeypatch.context() as m:
+        m.setattr(studies, "prepare_bases", lambda jobs, args: jobs)
+        jobs = studies.jobs_for(variants, list(classes), classes, args)
+    monkeypatch.setattr(studies, "make_class_images", lambda spec: None)
+    here = studies.ckpt.model_sha256(studies.ckpt.TOY_CKPT)
+
+    def store(subject, name, base_sha256):
+        job = next(j for j in jobs if (j["subject"], j["name"]) == (subject, name))
+        Path(job["scores_dir"]).mkdir(parents=True, exist_ok=True)
+        (Path(job["scores_dir"]) / "scores_1.json").write_text(
+            json.dumps({"settings": job["settings"], "base_sha256": base_sha256}))
+        return job["scores_dir"]
+    for name in ("baseline", "S1"):                         # another subject's runs, all stored on another base
+        store("dog_patch", name, "another base")
+    store("mug_star", "FP", here)
+    studies.jobs_for(variants, list(classes), classes, args)
+    mixed = store("mug_star", "baseline", "another base")
+    with pytest.raises(SystemExit, match=f"mug_star's stored w4a8 steps in {re.escape(mixed)} were scored on another"):
+        studies.jobs_for(variants, list(classes), classes, args)
+
+
 def test_readme_section_is_replaced_between_its_markers(tmp_path, monkeypatch):
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- study:main -->\nold table\n<!-- /study:main -->\nafter\n")
