@@ -600,7 +600,6 @@ def model_sha256(path):
     return sha256(path)
 
 
-
 def load_personalized(sd, path, base_path=None):
     """Put train.py's output into a loaded base model: scales (PEQA), experts (S2: sd.unet becomes an ExpertUNet)
     or full UNet weights. With `base_path`, checks that it is the model the run started from."""
@@ -612,7 +611,8 @@ def load_personalized(sd, path, base_path=None):
     if "qdp.train" not in meta:
         raise CheckpointError(f"{path} is not a train.py output (no qdp.train metadata)")
     config = json.loads(meta["qdp.train"])
-    if base_path is not None and sha256(base_path) != config["base_sha256"]:
+    # what the base holds; or, for runs recorded before model_sha256, its file's bytes
+    if base_path is not None and config["base_sha256"] not in (model_sha256(base_path), sha256(base_path)):
         raise CheckpointError(f"{path} was trained on another base model ({config['ckpt']}); pass that "
                                    "file as --ckpt")
     unet = sd.unet

@@ -484,7 +484,7 @@ def run(args):
     out = Path(args.output_dir)
     if args.ckpt is None:
         args.ckpt = str(ckpt.TOY_CKPT if args.method == "full" else default_quantized())
-    args.base_sha256 = ckpt.sha256(args.ckpt)
+    args.base_sha256 = ckpt.model_sha256(args.ckpt)      # what the base holds, not its file's recorded timings
     sd = ckpt.load_sd(args.ckpt, device=args.device)
     resolve_defaults(args, sd)
     torch.manual_seed(args.seed)

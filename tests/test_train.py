@@ -457,6 +457,14 @@ def test_sample_cli_with_scales(files, tmp_path, multi):
     assert Image.open(tmp_path / "x.png").size == (RES, RES)
     with pytest.raises(ckpt.CheckpointError, match="another base model"):
         ckpt.load_personalized(ckpt.load_sd(files / "q.safetensors"), out, files / "fp.safetensors")
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(str(files / "q.safetensors"), "pt") as f:     # the same base made again: other timings, same
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}             # tensors: accepted
+    info = json.loads(meta["qdp.quant"])
+    save_file(tensors, str(tmp_path / "again.safetensors"),
+              metadata={**meta, "qdp.quant": json.dumps({**info, "quant_seconds": info.get("quant_seconds", 0) + 1})})
+    ckpt.load_personalized(ckpt.load_sd(tmp_path / "again.safetensors"), out, tmp_path / "again.safetensors")
 
 
 @pytest.mark.parametrize("method", ["peqa", "full"])
