@@ -390,8 +390,9 @@ def bases_used(jobs):
     for j in jobs:
         if j["base"] != "fp":
             named.setdefault(j["base"], set()).update((stored_step(j, n) or {}).get("base_sha256") for n in j["steps"])
-    said = [f"{b.upper()} {'runs on ' if not k else ''}{len(h)} base{'s' if len(h) > 1 else ''}"
-            for k, (b, h) in enumerate(sorted(named.items()))]
+    counts = [(b, len(h - {None})) for b, h in sorted(named.items())]
+    said = [f"{b.upper()} {'runs ' if not k else ''}on {n} base{'s' if n > 1 else ''}"
+            for k, (b, n) in enumerate(counts)]
     return f"; {', '.join(said)} (each subject's runs on one)" if said else ""
 
 
