@@ -526,9 +526,8 @@ def quantize(args=None, **flags):
     used += ["iters", "act_iters", "lr", "act_lr"] if args.method == "adaround" else []
     meta = {**{k: getattr(args, k) for k in used}, "calib_samples": len(calib["t"]) if calib else 0,
             "base": Path(args.ckpt).name, "base_sha256": ckpt.sha256(args.ckpt), "calib_seconds": round(t1 - t0, 1),
-            "quant_seconds": round(t2 - t1, 1),     # the float order a run had: with another, AdaRound's choices
-            "threads": torch.get_num_threads(), "torch": torch.__version__,      # differ (bench_base_spread.py)
-            "device": str(args.device)}
+            "quant_seconds": round(t2 - t1, 1), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "device": str(args.device)}      # the float order: with another, AdaRound's choices differ (bench/)
     ckpt.save_quantized(sd_q, args.out, meta)
     fp = sum(p.numel() for p in sd.unet.parameters()) * 4
     q = sum(v.numel() * v.element_size() for v in sd_q.unet.state_dict().values())

@@ -220,7 +220,8 @@ def prepare_bases(jobs, args):
     """Base files and class images for the jobs that still have a step to score, made before any job starts (no two
     jobs race); under torchrun by the first process while the others wait. Nothing is made where --results already
     holds every step (a fresh clone rebuilds the tables without quantizing or drawing anything)."""
-    todo = [j for j in jobs if any(stored_step(j, n) is None for n in j["steps"])]
+    kept = [[stored_step(j, n) for n in j["steps"]] for j in jobs]          # each stored step read once
+    todo = [j for j, steps in zip(jobs, kept) if None in steps]
     bases = sorted({j["base"] for j in todo})
     rank, world = shard()
     if rank > 0:
@@ -230,10 +231,12 @@ def prepare_bases(jobs, args):
     # A subject's runs on one base kind all use one base, so that its methods meet on one model. A base quantized
     # anew on another machine or thread count is another model (AdaRound's rounding choices flip on float-order
     # noise), so a subject's stored steps from another base are not mixed with new ones.
-    scored_on = lambda k: {r.get("base_sha256") for n in k["steps"] for r in [stored_step(k, n)] if r} - {None}
+    scored_on = {}                                          # (subject, base kind) -> [(scores_dir, bases named)]
+    for j, steps in zip(jobs, kept):
+        scored_on.setdefault((j["subject"], j["base"]), []).append(
+            (j["scores_dir"], {r.get("base_sha256") for r in steps if r} - {None}))
     for subject, base in sorted({(j["subject"], j["base"]) for j in todo}):
-        mixed = [k["scores_dir"] for k in jobs
-                 if (k["subject"], k["base"]) == (subject, base) and scored_on(k) - {hashes[base]}]
+        mixed = [folder for folder, named in scored_on[subject, base] if named - {hashes[base]}]
         if mixed:
             raise SystemExit(
                 f"error: {subject}'s stored {base} steps in {', '.join(mixed)} were scored on another {base} base than "
