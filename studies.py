@@ -25,7 +25,8 @@ belong neither in the training nor in the metric code; that is why it stands apa
     python studies.py intervals            # ~15 per subject after main (its baseline and S1 runs are reused)
 Runs are cached in runs/studies/ (rerun to resume; delete a folder to redo it); their scores, one small JSON file
 per scored step, and each study's results.json are kept apart in docs/results/, which git tracks, so that a fresh
-clone rebuilds every table and verdict without training (a scored step found there is not run again).
+clone rebuilds every table and verdict without training (a scored step found there is not run again); the quantized
+bases they were scored on are kept there too, small (base_path), so that a later run adds subjects on the same model.
 `--workers 2` (the default) runs two single-threaded jobs side by side: for models this small that is twice the
 throughput of one job on two threads.
 Under torchrun the jobs are shared among its processes (each with its own --workers), on one machine or several with
@@ -75,18 +76,66 @@ METRICS = ("clip_i", "local_clip_i", "clip_t", "dino")
 # jobs: one subject, one base model, one method; each runs in a worker process and caches its scores on disk
 
 
-def base_path(base, out):
-    """The base model file: the toy FP checkpoint, or the toy model quantized by quant.py's fast preset (made once)."""
+def base_path(base, out, results):
+    """The base model file: the toy FP checkpoint, or the toy model quantized by quant.py's fast preset into --out.
+    A quantized base is made once and kept in --results/bases/ beside the scores made on it (its UNet only: the rest
+    is the shipped toy model's), because quantizing again on another machine or thread count makes another model
+    (AdaRound's rounding choices flip on float-order noise): a fresh clone restores the kept base and goes on adding
+    subjects and studies on the same model. A kept base of an older toy model is replaced."""
     if base == "fp":
         return ckpt.TOY_CKPT
-    if base == "w4a8":
-        return train.default_quantized()                 # shared with train.py's own default
-    return train.default_quantized(Path(out) / f"toy_{base}.safetensors", **BASES[base])   # remade if the toy changed
+    path, kept = Path(out) / f"toy_{base}.safetensors", Path(results) / "bases" / f"toy_{base}.safetensors"
+    if kept_toy(kept) == ckpt.sha256(ckpt.TOY_CKPT):
+        if not path.is_file() or ckpt.model_sha256(path) != ckpt.model_sha256(kept):
+            print(f"restoring the kept {base} base {kept} into {path}")
+            restore_base(kept, path)
+        return path
+    train.default_quantized(path, **BASES[base])            # made again if the toy model changed
+    keep_base(path, kept)
+    return path
+
+
+def kept_toy(kept):
+    """The sha256 of the toy model a kept base was quantized from (None: no kept base)."""
+    if not kept.is_file():
+        return None
+    with safe_open(str(kept), "pt") as f:
+        return json.loads((f.metadata() or {}).get("qdp.quant", "{}")).get("base_sha256")
+
+
+def keep_base(path, kept):
+    """Store a quantized toy base small: its UNet tensors ("model.*", 2 MB at W4A8), its metadata and the sha256
+    of all its tensors, which restore_base rebuilds exactly from them and the toy checkpoint."""
+    tensors, meta = ckpt.read_tensors(path)
+    toy = load_file(ckpt.TOY_CKPT)
+    rest = {k: v for k, v in tensors.items() if not k.startswith("model.")}
+    if rest.keys() != {k for k in toy if not k.startswith("model.")} or \
+            any(not torch.equal(v, toy[k].to(v.dtype)) for k, v in rest.items()):
+        raise SystemExit(f"error: {path}'s VAE and text encoder are not the shipped toy model's; delete it and "
+                         f"run again to quantize the toy model anew")
+    unet = {k: v for k, v in tensors.items() if k.startswith("model.")}
+    dtypes = {str(v.dtype).removeprefix("torch.") for v in rest.values()}
+    if len(dtypes) != 1:
+        raise SystemExit(f"error: {path} holds its VAE and text encoder in {sorted(dtypes)}, not in one dtype; delete "
+                         f"it and run again to quantize the toy model anew")
+    ckpt.atomic_save(unet, kept, {**meta, "qdp.kept.tensors_sha256": ckpt.unet_digest(tensors),
+                                  "qdp.kept.rest_dtype": dtypes.pop()})
+
+
+def restore_base(kept, path):
+    """The quantized base file that keep_base stored, rebuilt: the kept UNet tensors and metadata, the VAE and text
+    encoder from the toy checkpoint in the dtype the base held them in; checked against the kept tensors' sha256."""
+    unet, meta = ckpt.read_tensors(kept)
+    want, dtype = meta.pop("qdp.kept.tensors_sha256"), meta.pop("qdp.kept.rest_dtype")
+    rest = {k: v.to(getattr(torch, dtype)) for k, v in load_file(ckpt.TOY_CKPT).items() if not k.startswith("model.")}
+    if ckpt.unet_digest({**rest, **unet}) != want:
+        raise SystemExit(f"error: {kept} does not rebuild the base it kept (its tensors' sha256 differs); delete it to "
+                         f"quantize the toy model anew (its stored scores then cannot be extended)")
+    ckpt.atomic_save({**rest, **unet}, path, meta)
 
 
 def class_dir(out, base, cls):
     return Path(out) / "class" / base / cls
-
 
 def make_class_images(spec):
     """The prior's class images of one class, drawn by one base model (DreamBooth draws them with the model it tunes)."""
@@ -226,7 +275,7 @@ def prepare_bases(jobs, args):
     rank, world = shard()
     if rank > 0:
         dist.barrier()                                      # the first process makes them; then they are found
-    files = {b: str(base_path(b, args.out)) for b in bases}
+    files = {b: str(base_path(b, args.out, args.results)) for b in bases}
     hashes = {b: ckpt.model_sha256(f) for b, f in files.items()}
     # A subject's runs on one base kind all use one base, so that its methods meet on one model. A base quantized
     # anew on another machine or thread count is another model (AdaRound's rounding choices flip on float-order
@@ -318,7 +367,8 @@ def peak_memory(base, flags, subject, cls, args, steps=5):
     """Peak resident memory (MiB) of a short, fresh train.py run in a process of its own: everything it holds, the
     Python and torch runtime included (Linux)."""
     out = Path(tempfile.mkdtemp(prefix="qdp_memory_"))
-    cmd = [sys.executable, "-c", _MEASURED, str(ROOT / "train.py"), "--ckpt", str(base_path(base, args.out)),
+    cmd = [sys.executable, "-c", _MEASURED, str(ROOT / "train.py"),
+           "--ckpt", str(base_path(base, args.out, args.results)),
            "--instance_data_dir", str(DATASET / subject), "--instance_prompt", f"a photo of sks {cls}",
            "--with_prior_preservation", "--class_prompt", f"a photo of a {cls}", "--class_data_dir",
            str(class_dir(args.out, base, cls)), "--num_class_images", str(args.num_class_images),
@@ -740,8 +790,9 @@ def study_grid(args, subjects, classes):
         cells += [(im, f"{s}: reference {i + 1}") for i, im in enumerate(refs[:4])]
         for label, (base, tag) in GRID.items():
             scales = Path(args.out) / "runs" / tag / s / train.OUT_FILE if tag else None
-            _, images, prompts = metrics.score_model(base_path(base, args.out), scales, None, refs, cls, templates,
-                                                     "sks", args.n_images, args.seed, batch_images=args.batch_images,
+            base_file = base_path(base, args.out, args.results)
+            _, images, prompts = metrics.score_model(base_file, scales, None, refs, cls, templates, "sks",
+                                                     args.n_images, args.seed, batch_images=args.batch_images,
                                                      num_inference_steps=args.num_inference_steps, guidance_scale=7.5)
             cells += [(images[i], f"{label}: {prompts[i]}") for i in range(0, 4 * args.n_images, args.n_images)]
     path = Path(args.out) / "grid" / "grid.png"

@@ -19,7 +19,7 @@ def quick_base(tmp_path_factory):
 
 
 def test_tradeoff_study_writes_its_table_and_resumes(quick_base, tmp_path, monkeypatch):
-    monkeypatch.setattr(studies, "base_path", lambda base, out: quick_base)
+    monkeypatch.setattr(studies, "base_path", lambda base, out, results: quick_base)
     argv = ["tradeoff", "--subjects", "mug_star", "--steps", "1,2", "--n_prompts", "1", "--n_images", "1",
             "--num_inference_steps", "2", "--num_class_images", "1", "--workers", "1", "--out", str(tmp_path),
             "--results", str(tmp_path), "--no-readme"]
@@ -50,7 +50,7 @@ def test_tradeoff_study_writes_its_table_and_resumes(quick_base, tmp_path, monke
 def test_a_fresh_clone_rebuilds_the_tables_from_the_stored_results(quick_base, tmp_path, monkeypatch):
     """--results alone (what git keeps) rebuilds a study's table: no run folder, no base model, no class image; a
     step scored with other settings is run again."""
-    monkeypatch.setattr(studies, "base_path", lambda base, out: quick_base)
+    monkeypatch.setattr(studies, "base_path", lambda base, out, results: quick_base)
     argv = ["tradeoff", "--subjects", "mug_star", "--steps", "1", "--n_prompts", "1", "--n_images", "1",
             "--num_inference_steps", "2", "--num_class_images", "1", "--workers", "1", "--results",
             str(tmp_path / "results"), "--no-readme"]
@@ -61,7 +61,7 @@ def test_a_fresh_clone_rebuilds_the_tables_from_the_stored_results(quick_base, t
     assert sorted(f.name for f in stored) == ["scores_0.json", "scores_1.json", "scores_1.json"]
     stamps = [f.stat().st_mtime_ns for f in stored]
 
-    def nothing_made(base, out):
+    def nothing_made(base, out, results):
         raise AssertionError("a base model was asked for")
     monkeypatch.setattr(studies, "base_path", nothing_made)
     studies.main(argv + ["--out", str(tmp_path / "fresh")])
@@ -70,7 +70,7 @@ def test_a_fresh_clone_rebuilds_the_tables_from_the_stored_results(quick_base, t
     again = (tmp_path / "results" / "tradeoff" / "table.md").read_text()
     rows = lambda t: [line for line in t.splitlines() if line.startswith("|")]
     assert rows(again) == rows(table)
-    monkeypatch.setattr(studies, "base_path", lambda base, out: quick_base)
+    monkeypatch.setattr(studies, "base_path", lambda base, out, results: quick_base)
     studies.main(argv + ["--out", str(tmp_path / "fresh"), "--seed", "1"])   # a second seed is stored beside
     assert [f.stat().st_mtime_ns for f in stored] == stamps
     assert (tmp_path / "results" / "curves" / "w4a8-peqa-seed1" / "mug_star" / "scores_1.json").is_file()
@@ -109,12 +109,44 @@ def test_a_base_is_named_by_its_tensors_not_by_its_file(quick_base, tmp_path):
     assert studies.ckpt.model_sha256(studies.ckpt.TOY_CKPT) == studies.ckpt.sha256(studies.ckpt.TOY_CKPT)
 
 
+def test_a_quantized_base_is_kept_small_and_restored_exactly(quick_base, tmp_path, monkeypatch):
+    """The first study quantizes a base and keeps its UNet in --results/bases/; a fresh --out (another machine)
+    restores that base, tensor for tensor, instead of quantizing another; a damaged kept base says so."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+    made = []
+
+    def quantize(path, wbits, abits):
+        made.append((wbits, abits))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(quick_base, path)
+    monkeypatch.setattr(studies.train, "default_quantized", quantize)
+    results = tmp_path / "results"
+    first = studies.base_path("w4a8", tmp_path / "a", results)
+    kept = results / "bases" / "toy_w4a8.safetensors"
+    assert made == [(4, 8)] and kept.stat().st_size < quick_base.stat().st_size / 4
+    again = studies.base_path("w4a8", tmp_path / "b", results)
+    assert made == [(4, 8)]                                           # restored, not quantized again
+    a, b = load_file(first), load_file(again)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+    assert studies.ckpt.model_sha256(again) == studies.ckpt.model_sha256(quick_base)
+    assert studies.base_path("fp", tmp_path / "b", results) == studies.ckpt.TOY_CKPT
+    tensors, meta = studies.ckpt.read_tensors(kept)
+    key = next(k for k in tensors if k.endswith(".w_int"))
+    save_file({**tensors, key: tensors[key] ^ 1}, str(kept), metadata=meta)    # flipped bits in the codes
+    with pytest.raises(SystemExit, match="does not rebuild the base it kept"):
+        studies.base_path("w4a8", tmp_path / "c", results)
+    assert not (tmp_path / "c" / "toy_w4a8.safetensors").exists()
+
+
 def test_a_subjects_runs_on_one_base_kind_share_one_base(tmp_path, monkeypatch):
     """A run with nothing stored is refused when another run of the same subject and base kind was scored on another
     base (its methods would meet on two models); other subjects and other base kinds do not count."""
     import argparse
     from pathlib import Path
-    monkeypatch.setattr(studies, "base_path", lambda base, out: studies.ckpt.TOY_CKPT)   # a stand-in base
+    monkeypatch.setattr(studies, "base_path", lambda base, out, results: studies.ckpt.TOY_CKPT)   # a stand-in
     args = argparse.Namespace(out=str(tmp_path / "out"), results=str(tmp_path / "results"), n_prompts=1, n_images=1,
                               num_inference_steps=2, seed=0, num_class_images=1, batch_images=1, workers=1)
     variants = {"baseline": ("w4a8", "peqa", True, [1]), "S1": ("w4a8", "s1", True, [1]),
@@ -156,9 +188,9 @@ def test_peak_memory_is_the_runs_own(quick_base, tmp_path, monkeypatch):
     import argparse
 
     import torch
-    monkeypatch.setattr(studies, "base_path", lambda base, out: quick_base)
+    monkeypatch.setattr(studies, "base_path", lambda base, out, results: quick_base)
     held = torch.ones(300 * 2**20 // 4)                              # the parent holds 300 MiB more
-    args = argparse.Namespace(out=str(tmp_path), num_class_images=1)
+    args = argparse.Namespace(out=str(tmp_path), results=str(tmp_path), num_class_images=1)
     mib = studies.peak_memory("w4a8", {}, "mug_star", "mug", args, steps=1)
     assert 150 < mib < 2000
     held2 = torch.ones(300 * 2**20 // 4)                             # holding more in the parent changes nothing
@@ -182,8 +214,8 @@ def test_sharded_studies_equal_one_process(quick_base, tmp_path):
     import sys
 
     import conftest
-    (tmp_path / "runs").mkdir()
-    shutil.copy(quick_base, tmp_path / "runs" / "toy_w4a8.safetensors")   # the W4A8 base, found where train.py looks
+    for out in ("one", "two"):             # the W4A8 base, kept small with the results: each restores it
+        studies.keep_base(quick_base, tmp_path / out / "bases" / "toy_w4a8.safetensors")
     common = [str(conftest.ROOT / "studies.py"), "tradeoff", "--subjects", "mug_star,dog_patch", "--steps", "1",
               "--n_prompts", "1", "--n_images", "1", "--num_inference_steps", "2", "--num_class_images", "1",
               "--workers", "1", "--no-readme"]
@@ -197,6 +229,9 @@ def test_sharded_studies_equal_one_process(quick_base, tmp_path):
         assert done.returncode == 0, done.stderr[-2000:]
     one, two = (json.loads((tmp_path / d / "tradeoff" / "results.json").read_text()) for d in ("one", "two"))
     assert list(one) == list(two) == ["mug_star", "dog_patch"]
+    for out in ("one", "two"):
+        restored = tmp_path / out / "toy_w4a8.safetensors"
+        assert studies.ckpt.model_sha256(restored) == studies.ckpt.model_sha256(quick_base)
     for s in one:
         for variant, steps in one[s].items():
             for n, scores in steps.items():
