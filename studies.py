@@ -644,13 +644,14 @@ MIN_SUBJECTS = 5         # below this a bootstrap interval over subjects is too 
 
 def verdict(lo, hi, direction=1, margin=None):
     """One word for a paired difference's 95% interval [lo, hi]. With `margin` None the claim is a change in
-    `direction` (+1 up, -1 down): reproduced if the interval lies on that side of 0, not reproduced if it lies on
-    the other, inconclusive if it holds 0. With a margin the claim is "no worse than by `margin`": reproduced if
-    lo > -margin, not reproduced if hi < -margin."""
+    `direction` (+1 up, -1 down): reproduced if the interval lies on that side of 0, not reproduced if no change
+    that way lies inside it (it lies on the other side, or ends at 0: [0, 0] where two methods trained the same
+    model), inconclusive if it holds changes both ways. With a margin the claim is "no worse than by `margin`":
+    reproduced if lo > -margin, not reproduced if hi < -margin."""
     if margin is not None:
         return "reproduced" if lo > -margin else "not reproduced" if hi < -margin else "inconclusive"
     lo, hi = sorted((direction * lo, direction * hi))
-    return "reproduced" if lo > 0 else "not reproduced" if hi < 0 else "inconclusive"
+    return "reproduced" if lo > 0 else "not reproduced" if hi <= 0 else "inconclusive"
 
 
 def stored(args, name):

@@ -307,6 +307,20 @@ def test_verdicts_come_from_the_stored_results(tmp_path):
         studies.main(["verdicts", "--results", str(tmp_path), "--no-readme"])
 
 
+def test_verdict_words_for_an_interval():
+    """Up or down claims: an interval clear of 0 on the claimed side reproduces, one with no change that way in it
+    (the other side, or [0, 0] where the two methods trained the same model) does not, one across 0 is open."""
+    assert studies.verdict(0.01, 0.05) == "reproduced"
+    assert studies.verdict(-0.05, -0.01) == "not reproduced"
+    assert studies.verdict(0.0, 0.0) == "not reproduced"
+    assert studies.verdict(-0.02, 0.03) == "inconclusive"
+    assert studies.verdict(-0.05, -0.01, direction=-1) == "reproduced"
+    assert studies.verdict(0.0, 0.0, direction=-1) == "not reproduced"
+    assert studies.verdict(-0.005, 0.02, margin=0.01) == "reproduced"
+    assert studies.verdict(-0.03, -0.02, margin=0.01) == "not reproduced"
+    assert studies.verdict(-0.02, 0.01, margin=0.01) == "inconclusive"
+
+
 def test_grid_needs_the_main_studys_runs(tmp_path):
     with pytest.raises(SystemExit, match="is missing; run `python studies.py main --subjects dog_patch` first"):
         studies.main(["grid", "--out", str(tmp_path), "--results", str(tmp_path), "--subjects", "dog_patch",
