@@ -586,6 +586,15 @@ def sha256(path):
     return h.hexdigest()
 
 
+def quantized_from(path):
+    """The sha256 of the float checkpoint a quantized file was made from (its "qdp.quant" metadata), or None: no
+    such file, or not a quantized one."""
+    if not Path(path).is_file():
+        return None
+    with safe_open(str(path), "pt") as f:
+        return json.loads((f.metadata() or {}).get("qdp.quant", "{}")).get("base_sha256")
+
+
 def model_sha256(path):
     """What a checkpoint holds rather than its bytes: for a quantized file, the sha256 of its UNet's tensors (stored
     at save, checked at load) and of the float checkpoint it came from; else sha256(path). Two quantizations of one

@@ -85,7 +85,7 @@ def base_path(base, out, results):
     if base == "fp":
         return ckpt.TOY_CKPT
     path, kept = Path(out) / f"toy_{base}.safetensors", Path(results) / "bases" / f"toy_{base}.safetensors"
-    if kept_toy(kept) == ckpt.sha256(ckpt.TOY_CKPT):
+    if ckpt.quantized_from(kept) == ckpt.sha256(ckpt.TOY_CKPT):
         if not path.is_file() or ckpt.model_sha256(path) != ckpt.model_sha256(kept):
             print(f"restoring the kept {base} base {kept} into {path}")
             restore_base(kept, path)
@@ -95,25 +95,16 @@ def base_path(base, out, results):
     return path
 
 
-def kept_toy(kept):
-    """The sha256 of the toy model a kept base was quantized from (None: no kept base)."""
-    if not kept.is_file():
-        return None
-    with safe_open(str(kept), "pt") as f:
-        return json.loads((f.metadata() or {}).get("qdp.quant", "{}")).get("base_sha256")
-
-
 def keep_base(path, kept):
     """Store a quantized toy base small: its UNet tensors ("model.*", 2 MB at W4A8), its metadata and the sha256
     of all its tensors, which restore_base rebuilds exactly from them and the toy checkpoint."""
     tensors, meta = ckpt.read_tensors(path)
+    unet, rest = ({k: v for k, v in tensors.items() if k.startswith("model.") == is_unet} for is_unet in (True, False))
     toy = load_file(ckpt.TOY_CKPT)
-    rest = {k: v for k, v in tensors.items() if not k.startswith("model.")}
     if rest.keys() != {k for k in toy if not k.startswith("model.")} or \
             any(not torch.equal(v, toy[k].to(v.dtype)) for k, v in rest.items()):
         raise SystemExit(f"error: {path}'s VAE and text encoder are not the shipped toy model's; delete it and "
                          f"run again to quantize the toy model anew")
-    unet = {k: v for k, v in tensors.items() if k.startswith("model.")}
     dtypes = {str(v.dtype).removeprefix("torch.") for v in rest.values()}
     if len(dtypes) != 1:
         raise SystemExit(f"error: {path} holds its VAE and text encoder in {sorted(dtypes)}, not in one dtype; delete "
@@ -128,14 +119,16 @@ def restore_base(kept, path):
     unet, meta = ckpt.read_tensors(kept)
     want, dtype = meta.pop("qdp.kept.tensors_sha256"), meta.pop("qdp.kept.rest_dtype")
     rest = {k: v.to(getattr(torch, dtype)) for k, v in load_file(ckpt.TOY_CKPT).items() if not k.startswith("model.")}
-    if ckpt.unet_digest({**rest, **unet}) != want:
+    tensors = {**rest, **unet}
+    if ckpt.unet_digest(tensors) != want:
         raise SystemExit(f"error: {kept} does not rebuild the base it kept (its tensors' sha256 differs); delete it to "
                          f"quantize the toy model anew (its stored scores then cannot be extended)")
-    ckpt.atomic_save({**rest, **unet}, path, meta)
+    ckpt.atomic_save(tensors, path, meta)
 
 
 def class_dir(out, base, cls):
     return Path(out) / "class" / base / cls
+
 
 def make_class_images(spec):
     """The prior's class images of one class, drawn by one base model (DreamBooth draws them with the model it tunes)."""

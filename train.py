@@ -404,11 +404,7 @@ def default_quantized(path=Path("runs/toy_w4a8.safetensors"), wbits=4, abits=8):
     """The toy model quantized (W4A8 unless told otherwise) by quant.py's fast preset: the base PEQA trains on
     when no --ckpt is given. Made once (a few minutes on a CPU) and reused while it comes from the shipped toy model;
     made again when the toy model changed (a new checkout), which its stored base_sha256 tells."""
-    stale = False
-    if path.is_file():
-        with safe_open(str(path), framework="pt") as f:
-            base = json.loads((f.metadata() or {}).get("qdp.quant", "{}")).get("base_sha256")
-        stale = base != ckpt.sha256(ckpt.TOY_CKPT)
+    stale = path.is_file() and ckpt.quantized_from(path) != ckpt.sha256(ckpt.TOY_CKPT)
     if not path.is_file() or stale:
         print(f"quantizing the toy model (W{wbits}A{abits}) into {path} "
               + ("(again: the toy model changed since it was made)" if stale else "(once)"))

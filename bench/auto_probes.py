@@ -25,16 +25,16 @@ class Probed(Exception):
 
 def probe(subject, cls, steps, args):
     """[(t_range, gain, cost, own-bins instance change, other-bins instance change)], and grow_interval's pick."""
-    losses, original = [], train.bin_losses
+    losses, original, auto = [], train.bin_losses, train.auto_interval
 
     def recording(model, sets, batch_size=32):
         losses.append(original(model, sets, batch_size))
         return losses[-1]
 
     def probes_only(model, params, data, run_args, probe_steps=None):
-        rows = train.AUTO_PROBE(model, params, data, run_args, probe_steps=steps)[1]
+        rows = auto(model, params, data, run_args, probe_steps=steps)[1]
         raise Probed(rows)
-    train.bin_losses, train.AUTO_PROBE, train.auto_interval = recording, train.auto_interval, probes_only
+    train.bin_losses, train.auto_interval = recording, probes_only
     try:
         train.personalize(ckpt=studies.base_path("w4a8", args.out, args.results),
                           instance_data_dir=studies.DATASET / subject, instance_prompt=f"a photo of sks {cls}",
@@ -45,7 +45,7 @@ def probe(subject, cls, steps, args):
     except Probed as done:
         rows = done.args[0]
     finally:
-        train.bin_losses, train.auto_interval = original, train.AUTO_PROBE
+        train.bin_losses, train.auto_interval = original, auto
     before, out = losses[0]["inst"], []
     for k, (row, after) in enumerate(zip(rows, losses[1:])):
         change = (after["inst"] - before) / before
@@ -75,7 +75,8 @@ def main(argv=None):
     for steps in [int(s) for s in args.probe_steps.split(",")]:
         rows, pick = probe(args.subject, cls, steps, args)
         for (lo, hi), gain, cost, own, other in rows:
-            print(f"| {steps} | {lo}-{hi} | {gain:+.3f} | {cost:+.3f} | {gain - cost:+.3f} | {own:+.3f} | {other:+.3f} |")
+            cells = [f"{lo}-{hi}", *(f"{x:+.3f}" for x in (gain, cost, gain - cost, own, other))]
+            print(f"| {steps} | " + " | ".join(cells) + " |")
         picks.append(f"{steps} steps: {pick[0]}-{pick[1]}")
     print("\nauto's interval: " + "; ".join(picks))
 
