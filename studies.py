@@ -206,7 +206,7 @@ def run_job(spec):
             if scales is not None:
                 r["trainable"] = sum(v.numel() for v in load_file(scales).values())
                 r["file_mib"] = scales.stat().st_size / 2**20
-            if n > 0 and (run / "auto_interval.json").is_file():         # --t_range auto's probes, for intervals
+            if n > 0 and (run / "auto_interval.json").is_file():         # --t_range auto's scores, for intervals
                 r["auto_interval"] = json.loads((run / "auto_interval.json").read_text())
             cached.parent.mkdir(parents=True, exist_ok=True)
             cached.write_text(json.dumps(r, indent=2))
@@ -589,7 +589,7 @@ def study_experts(args, subjects, classes):
 def study_intervals(args, subjects, classes):
     """S1's proof of concept: the baseline trained on one fifth of the timesteps at a time, next to all of t, S1's
     content interval and the interval --t_range auto chose per subject; what each adds to subject fidelity and costs
-    in prompt fidelity, and whether auto's probes rank the fifths as the full runs do."""
+    in prompt fidelity, and whether auto's scores rank the fifths as the full runs do."""
     n = args.train_steps
     variants = {"all t (baseline)": ("w4a8", "peqa", True, [0, n])}
     fifths = {f"t {m[1:]}": ("w4a8", m, True, [n]) for m in METHODS if re.fullmatch(r"t\d+-\d+", m)}
@@ -597,18 +597,18 @@ def study_intervals(args, subjects, classes):
     variants["S1 content (354-933)"] = ("w4a8", "s1", True, [n])
     variants["S1 auto (per subject)"] = ("w4a8", "s1auto", True, [n])
 
-    def probes_vs_runs(results):
+    def auto_vs_runs(results):
         chosen, rho = [], {k: [] for k in ("clip_i", "dino", "clip_t")}
         for s in subjects:
-            probe = results[s]["S1 auto (per subject)"][str(n)]["auto_interval"]
-            chosen.append(f"{s} {probe['t_range'][0]}-{probe['t_range'][1]}")
+            auto = results[s]["S1 auto (per subject)"][str(n)]["auto_interval"]
+            chosen.append(f"{s} {auto['t_range'][0]}-{auto['t_range'][1]}")
             untrained = results[s]["all t (baseline)"]["0"]
             for k in rho:
                 measured = [results[s][v][str(n)][k] - untrained[k] for v in fifths]
-                rho[k].append(spearman([r["score"] for r in probe["parts"]], measured))
+                rho[k].append(spearman([r["score"] for r in auto["parts"]], measured))
         ci = lambda v: "{:+.2f} ({:+.2f} to {:+.2f})".format(*metrics.confidence_interval(v))
         lines = [f"--t_range auto chose: {', '.join(chosen)}.",
-                 "Rank correlation (Spearman, mean over subjects, 95% interval) between the probes' scores of the five "
+                 "Rank correlation (Spearman, mean over subjects, 95% interval) between auto's scores of the five "
                  "fifths and the change a full run on each fifth made: "
                  + ", ".join(f"{metrics.METRIC_NAMES[k]} {ci(v)}" for k, v in rho.items()) + "."]
         for a, b in (("S1 auto (per subject)", "all t (baseline)"), ("S1 auto (per subject)", "S1 content (354-933)"),
@@ -617,7 +617,7 @@ def study_intervals(args, subjects, classes):
                                         [results[s][b][str(n)][k] for s in subjects])
             lines.append(f"{a} minus {b}: " + "; ".join(f"{metrics.METRIC_NAMES[k]} {pair(k)}" for k in METRICS) + ".")
         return "\n\n".join(lines)
-    study_methods(args, subjects, classes, "intervals", variants, "t trained", footer=probes_vs_runs)
+    study_methods(args, subjects, classes, "intervals", variants, "t trained", footer=auto_vs_runs)
 
 
 def spearman(a, b):

@@ -6,7 +6,7 @@
   quantized layer trains (quant.py's WeightQuantizer), about 0.33M numbers for SD v1. `--multi_channel` (TuneQDM's
   ECCV version) also trains a scale per input channel of every layer, `in_scale`.
 - Ryu et al., arXiv 2401.04339 (TuneQDM at ECCV): S1 (selective) draws t only from a "content" interval (fixed,
-  or chosen per subject by short probe runs: `--t_range auto`); S2 (specialized) keeps K scale sets, experts, each
+  or chosen per subject from its photos: `--t_range auto`); S2 (specialized) keeps K scale sets, experts, each
   owning an interval of the raw timestep t in 0..999, so a training sample updates the expert of its t and sampling
   switches experts as t falls.
 `--method full` is the full-precision DreamBooth reference (all UNet weights train, on an FP checkpoint).
@@ -118,92 +118,49 @@ def content_interval(lo_snr=1e-2, hi_snr=1.0):
     return int(t.min()), int(t.max())
 
 
-AUTO_PARTS = 5   # --t_range auto tries each fifth of 0..999
+AUTO_PARTS = 5   # --t_range auto scores each fifth of 0..999
 
 
-def held_out_set(data, g, draws=4, bins=10):
-    """A fixed set of noised instance and class latents, the same for every probe: t spread evenly over `bins` bins
-    of 0..999, each bin holding every image about `draws` times over (at least 8 examples per bin)."""
-    sets, width = {}, sample.NUM_TRAIN_TIMESTEPS // bins
-    for kind in ("inst", "class"):
-        mean, std = data[f"{kind}_mean"], data[f"{kind}_std"]
-        per_bin = max(8, math.ceil(draws * len(mean) / bins))
-        i = torch.arange(bins * per_bin)
-        image, t = i % len(mean), (i // per_bin) * width + torch.randint(width, (len(i),), generator=g)
-        x0 = mean[image] + std[image] * torch.randn(mean[image].shape, generator=g).to(mean.device)
-        noise = torch.randn(x0.shape, generator=g).to(x0.device)
-        a = data["alphas_cumprod"][t.to(x0.device)].view(-1, 1, 1, 1)
-        sets[kind] = dict(x_t=a.sqrt() * x0 + (1 - a).sqrt() * noise, t=t.to(x0.device), noise=noise,
-                          ctx=data[f"{kind}_ctx"], bin=t // width, bins=bins)
-    return sets
+def noised_set(mean, std, alphas_cumprod, g, draws=4, bins=10):
+    """A fixed set of noised latents of some images: t spread evenly over `bins` bins of 0..999, each bin holding
+    every image about `draws` times over (at least 8 examples per bin); `mean`/`std` are the VAE's latent moments."""
+    width = sample.NUM_TRAIN_TIMESTEPS // bins
+    per_bin = max(8, math.ceil(draws * len(mean) / bins))
+    i = torch.arange(bins * per_bin)
+    image, t = i % len(mean), (i // per_bin) * width + torch.randint(width, (len(i),), generator=g)
+    x0 = mean[image] + std[image] * torch.randn(mean[image].shape, generator=g).to(mean.device)
+    noise = torch.randn(x0.shape, generator=g).to(x0.device)
+    a = alphas_cumprod[t.to(x0.device)].view(-1, 1, 1, 1)
+    return dict(x_t=a.sqrt() * x0 + (1 - a).sqrt() * noise, t=t.to(x0.device), noise=noise, bin=t // width, bins=bins)
 
 
 @torch.no_grad()
-def bin_losses(model, sets, batch_size=32):
-    """{inst, class} -> the model's mean noise-prediction MSE in each t bin of a held_out_set."""
-    out = {}
-    for kind, s in sets.items():
-        mse = []
-        for i in range(0, len(s["t"]), batch_size):
-            x, t = s["x_t"][i:i + batch_size], s["t"][i:i + batch_size]
-            eps = model(x, t, s["ctx"].expand(len(x), -1, -1))
-            mse.append(((eps.float() - s["noise"][i:i + batch_size].float()) ** 2).mean(dim=(1, 2, 3)).cpu())
-        mse = torch.cat(mse)
-        out[kind] = torch.stack([mse[s["bin"] == k].mean() for k in range(s["bins"])])
-    return out
-
-
-def auto_interval(model, params, data, args, probe_steps=None):
-    """--t_range auto, chosen per subject from its own data: S1's interval is where training teaches the subject
-    most for the least damage to the class prior. For each fifth of 0..999, starting each time from the untrained
-    model, train `probe_steps` steps (a tenth of the run, at least 10) on that fifth alone, then measure on a fixed
-    held-out set of noised latents over ALL of t:
-        gain = mean over t bins of the relative drop of the instance loss (the subject learned, at every t),
-        cost = mean over t bins of the relative rise of the class loss (the prior forgotten),
-    and score the fifth gain - cost. The interval is the best fifth, grown outward through each neighbouring fifth
-    that scores at least half as much. Returns [lo, hi] and the rows of scores."""
-    if "class_mean" not in data:
-        raise TrainingError("--t_range auto weighs each interval's gain against the class prior: add "
-                            "--with_prior_preservation --class_prompt ... --class_data_dir ...")
-    probe_steps = probe_steps or max(10, args.max_train_steps // 10)
-    g = torch.Generator().manual_seed(args.seed + 1)          # the training run's own generator stays untouched
-    sets = held_out_set(data, g)
-    before = bin_losses(model, sets)
-    start = {n: p.detach().clone() for n, p in params.items()}
-    width, rows = sample.NUM_TRAIN_TIMESTEPS // AUTO_PARTS, []
-    for k in range(AUTO_PARTS):
-        t_range = (k * width, (k + 1) * width - 1)
-        optimizer = torch.optim.AdamW(params.values(), lr=args.learning_rate, weight_decay=args.adam_weight_decay)
-        for _ in range(probe_steps):
-            optimizer_step(model, params, optimizer,
-                           make_batch(data, g, args.train_batch_size, t_range, args.prior_loss_weight), args.max_grad_norm)
-        after = bin_losses(model, sets)
-        gain = ((before["inst"] - after["inst"]) / before["inst"]).mean().item()
-        cost = ((after["class"] - before["class"]) / before["class"]).mean().item()
-        rows.append(dict(t_range=t_range, gain=gain, cost=cost, score=gain - cost))
-        with torch.no_grad():                                  # back to the untrained model for the next fifth
-            for n, p in params.items():
-                p.copy_(start[n])
-                p.grad = None
-    return grow_interval([r["score"] for r in rows]), rows
-
-
-def grow_interval(scores):
-    """--t_range auto's rule: the best of the equal parts of 0..999, grown outward through each neighbour that scores
-    at least half as much; all of t (with a warning) when no part scores above zero."""
-    n, best = len(scores), max(range(len(scores)), key=lambda k: scores[k])
-    if scores[best] <= 0:
-        warnings.warn("--t_range auto: no part of t taught the subject more than it cost the prior; training on "
-                      "all of 0..999", stacklevel=3)
-        return [0, sample.NUM_TRAIN_TIMESTEPS - 1]
-    keep = lambda k: 0 <= k < n and scores[k] >= 0.5 * scores[best]
-    lo = hi = best
-    while keep(lo - 1):
-        lo -= 1
-    while keep(hi + 1):
-        hi += 1
-    width = sample.NUM_TRAIN_TIMESTEPS // n
-    return [lo * width, (hi + 1) * width - 1]
+def auto_interval(model, data, seed=0, batch_size=32):
+    """--t_range auto, chosen per subject from its own photos before training starts: S1's interval is the fifth of
+    0..999 where the prompt steers the untrained model's noise prediction the most, relative to how far off that
+    prediction is. On a fixed set of the instance latents noised across all of t, for each tenth of t:
+        influence = mean |eps(x_t, instance prompt) - eps(x_t, empty prompt)|^2 / mean |eps(x_t, instance prompt) - noise|^2
+    and a fifth scores the mean of its two tenths' influence. Where the text moves the prediction most is where a
+    prompt's word (the identifier) can pull the sample toward the subject; ZOODiP (Seo et al., arXiv 2503.14868)
+    draws its training timesteps where text embeddings matter most on the same grounds. Costs two forward passes
+    over 80 noised latents or more (seconds on the toy, far less than a training step's budget on SD v1).
+    Returns [lo, hi] and one row of scores per fifth."""
+    g = torch.Generator().manual_seed(seed + 1)            # the training run's own generator stays untouched
+    s = noised_set(data["inst_mean"], data["inst_std"], data["alphas_cumprod"], g)
+    moved, missed = [], []
+    for i in range(0, len(s["t"]), batch_size):
+        x, t = s["x_t"][i:i + batch_size], s["t"][i:i + batch_size]
+        cond = model(x, t, data["inst_ctx"].expand(len(x), -1, -1)).float()
+        free = model(x, t, data["null_ctx"].expand(len(x), -1, -1)).float()
+        moved.append(((cond - free) ** 2).mean(dim=(1, 2, 3)).cpu())
+        missed.append(((cond - s["noise"][i:i + batch_size].float()) ** 2).mean(dim=(1, 2, 3)).cpu())
+    moved, missed, bin_of = torch.cat(moved), torch.cat(missed), s["bin"].cpu()
+    influence = torch.stack([moved[bin_of == k].mean() / missed[bin_of == k].mean() for k in range(s["bins"])])
+    per_part, width = s["bins"] // AUTO_PARTS, sample.NUM_TRAIN_TIMESTEPS // AUTO_PARTS
+    rows = [dict(t_range=(k * width, (k + 1) * width - 1),
+                 score=influence[k * per_part:(k + 1) * per_part].mean().item()) for k in range(AUTO_PARTS)]
+    best = max(rows, key=lambda r: r["score"])
+    return list(best["t_range"]), rows
 
 
 def expert_bounds(n_experts, boundaries=None):
@@ -390,6 +347,8 @@ def prepare(sd, args):
     data = {"alphas_cumprod": sample.alphas_cumprod().to(sd.device)}
     data["inst_mean"], data["inst_std"] = encode(sd, inst)
     data["inst_ctx"] = sample.encode_prompts(sd, [args.instance_prompt])
+    if args.t_range == "auto":                        # auto_interval weighs the prompt against no prompt
+        data["null_ctx"] = sample.encode_prompts(sd, [""])
     if args.with_prior_preservation:
         files = generate_class_images(sd, args.class_prompt, args.class_data_dir, args.num_class_images,
                                       seed=args.seed, batch_size=args.sample_batch_size, height=args.resolution,
@@ -493,10 +452,11 @@ def run(args):
             with safe_open(str(state), framework="pt") as f:
                 args.t_range = json.loads(f.metadata()["qdp.train"])["t_range"]
         else:
-            args.t_range, rows = auto_interval(model, params, data, args)
+            args.t_range, rows = auto_interval(model, data, args.seed)
             (out / "auto_interval.json").write_text(json.dumps({"t_range": args.t_range, "parts": rows}, indent=1))
-            print("--t_range auto: " + ", ".join(f"{r['t_range'][0]}-{r['t_range'][1]} {100 * r['score']:+.1f}%"
-                                                 for r in rows) + f" -> {args.t_range[0]}..{args.t_range[1]}")
+            print("--t_range auto, the prompt's influence per fifth of t: " + ", ".join(
+                f"{r['t_range'][0]}-{r['t_range'][1]} {r['score']:.3f}" for r in rows)
+                + f" -> {args.t_range[0]}..{args.t_range[1]}")
         warn_idle_experts(args)
     print(f"{args.method}: {sum(p.numel() for p in params.values()):,} trainable numbers in {len(params)} tensors"
           + (f", {args.n_experts} experts over t bounds {args.bounds}" if args.n_experts > 1 else "")
@@ -550,8 +510,9 @@ def parser():
     p.add_argument("--multi_channel", action="store_true", help="also train a scale per input channel of every "
                    "quantized layer (TuneQDM's multi-channel scale update)")
     p.add_argument("--t_range", default=None, help="S1: train only at t in LO,HI (e.g. 354,933); 'content' for the "
-                   "SNR band [1e-2, 1] (see content_interval); 'auto' to choose it per subject by short probe runs "
-                   "(see auto_interval; needs --with_prior_preservation); unset: all of 0,999")
+                   "SNR band [1e-2, 1] (see content_interval); 'auto' to choose it per subject: the fifth of t "
+                   "where the prompt moves the untrained model's prediction most (see auto_interval); unset: all of "
+                   "0,999")
     p.add_argument("--n_experts", type=int, default=1, help="S2: number of scale sets (experts), each owning a "
                    "timestep interval; 1: no experts")
     p.add_argument("--expert_boundaries", default=None, help="S2: K-1 inner bounds, e.g. 250,500,750; "
@@ -628,10 +589,7 @@ def parse_args(argv=None, **flags):
         args.t_range = [0, sample.NUM_TRAIN_TIMESTEPS - 1]
     elif args.t_range == "content":
         args.t_range = list(content_interval())
-    elif args.t_range == "auto":
-        if not args.with_prior_preservation:
-            p.error("--t_range auto weighs each interval against the class prior: add --with_prior_preservation")
-    else:
+    elif args.t_range != "auto":
         try:
             lo, hi = (int(v) for v in args.t_range.split(","))
         except ValueError:
