@@ -6,7 +6,8 @@
   quantized layer trains (quant.py's WeightQuantizer), about 0.33M numbers for SD v1. `--multi_channel` (TuneQDM's
   ECCV version) also trains a scale per input channel of every layer, `in_scale`.
 - Ryu et al., arXiv 2401.04339 (TuneQDM at ECCV): S1 (selective) draws t only from a "content" interval (fixed,
-  or chosen per subject from its photos: `--t_range auto`); S2 (specialized) keeps K scale sets, experts, each
+  or chosen per subject from its photos: `--t_range auto`, the fifth of t where the prompt sways the prediction most,
+  as ZOODiP, Seo et al., arXiv 2503.14868, picks its timesteps); S2 (specialized) keeps K scale sets, experts, each
   owning an interval of the raw timestep t in 0..999, so a training sample updates the expert of its t and sampling
   switches experts as t falls.
 `--method full` is the full-precision DreamBooth reference (all UNet weights train, on an FP checkpoint).
@@ -144,7 +145,7 @@ def auto_interval(model, data, seed=0, batch_size=32):
     prompt's word (the identifier) can pull the sample toward the subject; ZOODiP (Seo et al., arXiv 2503.14868)
     draws its training timesteps where text embeddings matter most on the same grounds. Costs two forward passes
     over 80 noised latents or more (seconds on the toy, far less than a training step's budget on SD v1).
-    Returns [lo, hi] and one row of scores per fifth."""
+    Returns [lo, hi] (all of t, with a warning, when the prompt moves nothing) and one row of scores per fifth."""
     g = torch.Generator().manual_seed(seed + 1)            # the training run's own generator stays untouched
     s = noised_set(data["inst_mean"], data["inst_std"], data["alphas_cumprod"], g)
     moved, missed = [], []
@@ -160,6 +161,10 @@ def auto_interval(model, data, seed=0, batch_size=32):
     rows = [dict(t_range=(k * width, (k + 1) * width - 1),
                  score=influence[k * per_part:(k + 1) * per_part].mean().item()) for k in range(AUTO_PARTS)]
     best = max(rows, key=lambda r: r["score"])
+    if not best["score"] > 0:
+        warnings.warn("--t_range auto: the instance prompt does not change the model's prediction at any t; "
+                      "training on all of 0..999", stacklevel=3)
+        return [0, sample.NUM_TRAIN_TIMESTEPS - 1], rows
     return list(best["t_range"]), rows
 
 

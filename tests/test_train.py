@@ -113,7 +113,8 @@ def test_given_boundaries_and_content_interval():
 
 def test_auto_interval_picks_the_fifth_where_the_prompt_moves_the_prediction_most():
     """--t_range auto scores each fifth by the prompt's pull on the noise prediction (conditional minus empty
-    prompt) relative to the prediction's error, and keeps the best fifth; the scores are the model's, not the order."""
+    prompt) relative to the prediction's error, and keeps the best fifth; the scores are the model's, not the order;
+    a prompt that moves nothing leaves all of t."""
     import sample
 
     def model_pulled_in(lo, hi):
@@ -130,6 +131,8 @@ def test_auto_interval_picks_the_fifth_where_the_prompt_moves_the_prediction_mos
         pulled = [r["score"] for r in rows if r["t_range"] == (lo, hi)][0]
         # influence = w^2 / (w^2 + |noise|^2): about 4/5 where w = 2, about 0.01 elsewhere
         assert pulled == pytest.approx(0.8, abs=0.05) and all(r["score"] < 0.02 for r in rows if r["score"] != pulled)
+    with pytest.warns(UserWarning, match="all of 0..999"):            # a prompt that changes nothing: all of t
+        assert train.auto_interval(model_pulled_in(0, 999), dict(data, inst_ctx=data["null_ctx"]))[0] == [0, 999]
 
 
 # --------------------------------------------------------------------------------------------------------------------
