@@ -140,7 +140,7 @@ def auto_interval(model, data, seed=0, batch_size=32):
     """--t_range auto, chosen per subject from its own photos before training starts: S1's interval is the fifth of
     0..999 where the prompt steers the untrained model's noise prediction the most, relative to how far off that
     prediction is. On a fixed set of the instance latents noised across all of t, for each tenth of t:
-        influence = mean |eps(x_t, instance prompt) - eps(x_t, empty prompt)|^2 / mean |eps(x_t, instance prompt) - noise|^2
+        influence = mean |eps(x_t, prompt) - eps(x_t, "")|^2 / mean |eps(x_t, prompt) - noise|^2   (the instance prompt)
     and a fifth scores the mean of its two tenths' influence. Where the text moves the prediction most is where a
     prompt's word (the identifier) can pull the sample toward the subject; ZOODiP (Seo et al., arXiv 2503.14868)
     draws its training timesteps where text embeddings matter most on the same grounds. Costs two forward passes
@@ -155,7 +155,7 @@ def auto_interval(model, data, seed=0, batch_size=32):
         free = model(x, t, data["null_ctx"].expand(len(x), -1, -1)).float()
         moved.append(((cond - free) ** 2).mean(dim=(1, 2, 3)).cpu())
         missed.append(((cond - s["noise"][i:i + batch_size].float()) ** 2).mean(dim=(1, 2, 3)).cpu())
-    moved, missed, bin_of = torch.cat(moved), torch.cat(missed), s["bin"].cpu()
+    moved, missed, bin_of = torch.cat(moved), torch.cat(missed), s["bin"]     # bin: on the CPU, as t was drawn
     influence = torch.stack([moved[bin_of == k].mean() / missed[bin_of == k].mean() for k in range(s["bins"])])
     per_part, width = s["bins"] // AUTO_PARTS, sample.NUM_TRAIN_TIMESTEPS // AUTO_PARTS
     rows = [dict(t_range=(k * width, (k + 1) * width - 1),

@@ -91,33 +91,31 @@ class Measured(Exception):
 
 
 def measure(subject, cls, probe_steps, args):
+    """Both rules on the untrained scales of one train.py run, stopped before its first training step."""
+    run_args = train.parse_args(ckpt=studies.base_path("w4a8", args.out, args.results),
+                                instance_data_dir=studies.DATASET / subject, instance_prompt=f"a photo of sks {cls}",
+                                output_dir=Path(args.out) / "auto_probes" / subject, max_train_steps=400, seed=0,
+                                with_prior_preservation=True, class_prompt=f"a photo of a {cls}",
+                                class_data_dir=studies.class_dir(args.out, "w4a8", cls), num_class_images=20,
+                                t_range="auto")
     seen, trainable, auto = {}, train.trainable, train.auto_interval
 
     def keep_params(*a, **k):
-        seen["model"], seen["params"] = trainable(*a, **k)
-        return seen["model"], seen["params"]
+        model, seen["params"] = trainable(*a, **k)
+        return model, seen["params"]
 
-    def both(model, data, seed=0):
+    def both(model, data, seed=0):            # run() has filled in run_args' defaults (learning rate) by now
         chosen, rows = auto(model, data, seed)
-        probes = {n: probe_rows(model, seen["params"], data, seen["args"], n) for n in probe_steps}
+        probes = {n: probe_rows(model, seen["params"], data, run_args, n) for n in probe_steps}
         raise Measured(chosen, rows, probes)
-    original_defaults = train.resolve_defaults
-
-    def keep_args(run_args, sd):
-        original_defaults(run_args, sd)
-        seen["args"] = run_args
-    train.trainable, train.auto_interval, train.resolve_defaults = keep_params, both, keep_args
+    train.trainable, train.auto_interval = keep_params, both
     try:
-        train.personalize(ckpt=studies.base_path("w4a8", args.out, args.results),
-                          instance_data_dir=studies.DATASET / subject, instance_prompt=f"a photo of sks {cls}",
-                          output_dir=Path(args.out) / "auto_probes" / subject, max_train_steps=400, seed=0,
-                          with_prior_preservation=True, class_prompt=f"a photo of a {cls}",
-                          class_data_dir=studies.class_dir(args.out, "w4a8", cls), num_class_images=20, t_range="auto")
+        train.personalize(run_args)
         raise RuntimeError("the rules were not measured")
     except Measured as done:
         return done.args
     finally:
-        train.trainable, train.auto_interval, train.resolve_defaults = trainable, auto, original_defaults
+        train.trainable, train.auto_interval = trainable, auto
 
 
 def main(argv=None):
